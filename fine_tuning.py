@@ -114,7 +114,7 @@ def flag(name):
 def parse_args(argv=None):
     """Command-line options, one per constant. Returns (options, overrides given)."""
     parser = argparse.ArgumentParser(
-        description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
+        prog="fine_tuning.py", description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
                     "Every option overrides the constant of the same name at the top of the file.")
     for name in SETTINGS:
         default = globals()[name]
@@ -820,6 +820,7 @@ def epoch_seed(seed, epoch, stream):
 
 
 def new_run_dir(cfg, run_name, dry_run):
+    """OUTPUT_DIR/<run name>, checked before anything is downloaded; created later."""
     if run_name is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         if dry_run:
@@ -835,7 +836,6 @@ def new_run_dir(cfg, run_name, dry_run):
     if run_dir.exists():
         raise SettingError(f"--run-name: {run_dir} already exists; choose another name, "
                            f"or continue it with --resume {run_dir}")
-    run_dir.mkdir(parents=True)
     return run_dir
 
 
@@ -894,6 +894,8 @@ def run(options, overrides):
     if cfg.image_size == "auto":
         cfg.image_size = 224 if device.type == "cuda" else 32
     max_batches = DRY_RUN_BATCHES if dry_run else None
+    if not resumed:
+        run_dir = new_run_dir(cfg, options.run_name, dry_run)
     print(f"device: {device}   image size: {cfg.image_size}px   precision: "
           f"{str(choose_precision(device) or torch.float32).replace('torch.', '')}"
           f"{'   (dry run: synthetic data, random weights)' if dry_run else ''}")
@@ -934,7 +936,7 @@ def run(options, overrides):
         history, start_epoch = resumed["history"], resumed["epoch"] + 1
         print(f"resuming {run_dir} after epoch {resumed['epoch']}")
     else:
-        run_dir = new_run_dir(cfg, options.run_name, dry_run)
+        run_dir.mkdir(parents=True)
         save_json({"run": run_dir.name, "dry_run": dry_run,
                    "settings": {**settings, "UNFREEZE_SCHEDULE": {str(k): v for k, v in
                                                                   cfg.unfreeze_schedule.items()}},
