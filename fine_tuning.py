@@ -789,11 +789,11 @@ def update_summary(output_dir, row):
 
 def print_comparison(rows, limit=8):
     print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):")
-    print(f"{'run':<24}{'freeze':>7}{'bb lr':>8}{'head lr':>8}{'px':>4}{'val acc':>8}"
+    print(f"{'run':<22}{'freeze':>7}{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}"
           f"{'test acc':>9}{'ep':>4}{'min':>6}")
     for row in rows[-limit:]:
-        print(f"{row['run'][-24:]:<24}{row['freeze_until']:>7}{float(row['backbone_lr']):>8.0e}"
-              f"{float(row['head_lr']):>8.0e}{row['image_size']:>4}{float(row['best_val_acc']):>8.1%}"
+        print(f"{row['run'][:21]:<22}{row['freeze_until']:>7}{float(row['backbone_lr']):>7.0e}"
+              f"{float(row['head_lr']):>8.0e}{row['weights'][:8]:>9}{float(row['best_val_acc']):>8.1%}"
               f"{float(row['test_acc']):>9.1%}{row['epochs']:>4}{float(row['minutes']):>6.1f}")
 
 
@@ -822,14 +822,14 @@ def epoch_seed(seed, epoch, stream):
 def new_run_dir(cfg, run_name, dry_run):
     """OUTPUT_DIR/<run name>, checked before anything is downloaded; created later."""
     if run_name is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now().strftime("%m%d-%H%M%S")
         if dry_run:
             run_name = f"{stamp}_dry-run"
-        else:
-            gradual = "_gradual" if cfg.unfreeze_schedule else ""
-            weights = cfg.weights if cfg.weights in ("none", "IMAGENET1K_V1") else "file"
+        else:   # e.g. 1128-093012_layer2_1e-04_1e-03_32px
+            extras = {"none": "_scratch", "IMAGENET1K_V1": ""}.get(cfg.weights, "_file")
+            extras += "_gradual" if cfg.unfreeze_schedule else ""
             run_name = (f"{stamp}_{cfg.freeze_until}_{cfg.backbone_lr:.0e}_{cfg.head_lr:.0e}_"
-                        f"{cfg.image_size}px_{weights}{gradual}")
+                        f"{cfg.image_size}px{extras}")
     if not run_name or Path(run_name).name != run_name or run_name in (".", ".."):
         raise SettingError(f"--run-name {run_name!r} is not allowed: use a plain folder name")
     run_dir = Path(cfg.output_dir) / run_name
