@@ -1,14 +1,11 @@
 """Shared fixtures: a tiny CIFAR-10 in the official layout, random weights in the hub cache,
 and a helper that runs fine_tuning.py as a user would (through tests/launcher.py)."""
-import hashlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torchvision import models
@@ -16,42 +13,8 @@ from torchvision import models
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import fine_tuning as ft  # noqa: E402
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-PER_BATCH = 40        # 5 training files x 40 = 200 training images, 20 per class
-N_TEST = 50           # 5 per class
-
-
-def tiny_images(n, rng, labels):
-    """Noise plus a colour per class, so a few steps of training can learn something."""
-    tints = np.random.default_rng(123).integers(0, 256, size=(10, 3, 1, 1))
-    noise = rng.integers(0, 256, size=(n, 3, 32, 32))
-    return ((tints[labels] + noise) // 2).astype(np.uint8).reshape(n, 3072)
-
-
-def write_cifar10(root, per_batch=PER_BATCH, n_test=N_TEST, test_labels=None):
-    """Write a small CIFAR-10 in the official cifar-10-batches-py pickle layout; return md5 sums."""
-    folder = Path(root) / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = {}
-    for i in range(1, 6):
-        labels = np.arange(per_batch) % 10
-        files[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "labels": labels.tolist(),
-                                    "data": tiny_images(per_batch, rng, labels),
-                                    "filenames": [f"img_{i}_{j}.png" for j in range(per_batch)]}
-    labels = np.arange(n_test) % 10 if test_labels is None else np.asarray(test_labels)
-    files["test_batch"] = {"batch_label": "testing batch 1 of 1", "labels": labels.tolist(),
-                           "data": tiny_images(len(labels), rng, labels),
-                           "filenames": [f"test_{j}.png" for j in range(len(labels))]}
-    files["batches.meta"] = {"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
-    sums = {}
-    for name, content in files.items():
-        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
-        sums[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
-    return sums
-
+import fine_tuning as ft  # noqa: E402,F401
+from helpers import write_cifar10  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):

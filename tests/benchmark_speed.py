@@ -1,0 +1,216 @@
+"""Training throughput of fine_tuning.py against the compute bound and a tutorial-style loop.
+
+    python tests/benchmark_speed.py [--steps 40] [--rounds 3]
+
+In one process, on one machine, at the script's default settings (ResNet18, FREEZE_UNTIL,
+BATCH_SIZE, IMAGE_SIZE "auto", fused Adam with the two learning rates), it measures images/s of:
+
+  script     fine_tuning.train_one_epoch: its real DataLoader, device-side augmentation and
+             bookkeeping, on a full-size CIFAR-10 in the official file layout (synthetic pixels);
+  bound      the same model, freezing, batch size and optimizer on tensors already on the
+             device: no data pipeline, no bookkeeping;
+  baseline   PyTorch's transfer-learning-tutorial style: torchvision CIFAR10 with PIL
+             transforms, a 4-worker DataLoader, default Adam, .to(device) and loss.item()
+             every batch, model.train() for the whole model.
+
+The loops run in interleaved rounds (script, bound, baseline, script, ...) after a warm-up,
+and the median of the rounds is reported, so slow drifts of a shared machine hit all three.
+Then it runs `python fine_tuning.py` itself on the same files, to time start-up (launch to
+the first training batch) and to read the peak resident memory of a real run.
+"""
+import argparse
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import datasets, models, transforms  # noqa: E402
+
+import fine_tuning as ft  # noqa: E402
+from helpers import trust_test_md5, write_cifar10  # noqa: E402
+
+
+def default_cfg(data_dir, device):
+    cfg = ft.SimpleNamespace(**{k.lower(): v for k, v in ft.check_settings(
+        {name: getattr(ft, name) for name in ft.SETTINGS}).items()})
+    cfg.data_dir = str(data_dir)
+    cfg.image_size = 224 if device.type == "cuda" else 32
+    return cfg
+
+
+def frozen_model(cfg, device, memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    model = ft.build_model("none")            # same compute as the ImageNet weights
+    ft.freeze(model, cfg.freeze_until)
+    return model.to(device, memory_format=memory_format)
+
+
+class ScriptLoop:
+    name = "script"
+
+    def __init__(self, cfg, device):
+        train, test, _ = ft.load_cifar10(cfg.data_dir)
+        self.loader = ft.make_loaders(train, test, cfg, device)[0]
+        self.model = frozen_model(cfg, device)
+        self.hw = ft.Hardware(device, cfg.image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        self.model.to(memory_format=self.hw.memory_format)
+        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr), device)
+        self.generator, self.epoch = torch.Generator(), 0
+
+    def run(self, steps):
+        self.epoch += 1
+        self.loader.generator.manual_seed(self.epoch)
+        ft.train_one_epoch(self.model, self.loader, self.optimizer, self.hw, self.generator, self.epoch, steps)
+
+
+class BoundLoop:
+    name = "bound"
+
+    def __init__(self, cfg, device):
+        self.hw = ft.Hardware(device, cfg.image_size, [0.5] * 3, [0.25] * 3)
+        self.model = frozen_model(cfg, device, self.hw.memory_format)
+        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr), device)
+        size = cfg.image_size
+        self.x = torch.randn(cfg.batch_size, 3, size, size, device=device).contiguous(
+            memory_format=self.hw.memory_format)
+        self.y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+        self.device = device
+
+    def run(self, steps):
+        ft.set_train_mode(self.model)
+        for _ in range(steps):
+            with self.hw.autocast():
+                loss = F.cross_entropy(self.model(self.x), self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.hw.scaler.scale(loss).backward()
+            self.hw.scaler.step(self.optimizer)
+            self.hw.scaler.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class BaselineLoop:
+    name = "baseline"
+
+    def __init__(self, cfg, device):
+        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        if cfg.image_size != 32:
+            steps.append(transforms.Resize(cfg.image_size))
+        steps += [transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+        dataset = datasets.CIFAR10(cfg.data_dir, train=True, transform=transforms.Compose(steps))
+        loader = DataLoader(dataset, cfg.batch_size, shuffle=True, num_workers=4, persistent_workers=True)
+        self.batches = iter(self.cycle(loader))
+        self.model = frozen_model(cfg, device)
+        self.optimizer = torch.optim.Adam(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr))
+        self.device = device
+
+    @staticmethod
+    def cycle(loader):
+        while True:
+            yield from loader
+
+    def run(self, steps):
+        self.model.train()             # the tutorial: frozen BatchNorm layers keep updating too
+        running_loss = running_corrects = 0
+        for _ in range(steps):
+            inputs, labels = next(self.batches)
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad()
+            outputs = self.model(inputs)
+            loss = F.cross_entropy(outputs, labels)
+            loss.backward()
+            self.optimizer.step()
+            running_loss += loss.item() * inputs.size(0)
+            running_corrects += torch.sum(outputs.argmax(1) == labels.data)
+
+
+def measure(loops, steps, rounds, batch_size):
+    for loop in loops:                 # warm-up: allocator, kernels, workers
+        loop.run(max(3, steps // 4))
+    rates = {loop.name: [] for loop in loops}
+    for r in range(rounds):
+        for loop in loops:
+            start = time.perf_counter()
+            loop.run(steps)
+            rates[loop.name].append(steps * batch_size / (time.perf_counter() - start))
+        print(f"  round {r + 1}: " + "   ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def real_run(data_dir, md5_file, torch_home, out_dir, train_seconds):
+    """Start `python fine_tuning.py` (defaults) through the test launcher; Ctrl-C it after a while."""
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "FT_TEST_MD5": str(md5_file), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "launcher.py"), "--data-dir", str(data_dir),
+                                "--output-dir", str(out_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    startup = None
+    for line in process.stdout:
+        if line.startswith("epoch  train loss"):      # printed just before the first batch is drawn
+            startup = time.perf_counter() - start
+            time.sleep(train_seconds)
+            process.send_signal(signal.SIGINT)
+            break
+    process.stdout.read()
+    process.wait()
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # Linux: KiB
+    return startup, peak_mib, process.returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-seconds", type=float, default=20, help="training time of the real run")
+    args = parser.parse_args()
+    device = ft.choose_device()
+    steps = args.steps or (200 if device.type == "cuda" else 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("writing a full-size CIFAR-10 (50,000 + 10,000 synthetic images) in the official layout...")
+        sums = write_cifar10(tmp / "data", per_batch=10_000, n_test=10_000)
+        trust_test_md5(sums)
+        (tmp / "md5.json").write_text(json.dumps(sums))
+        weights = tmp / "home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        weights.parent.mkdir(parents=True)
+        torch.save(models.resnet18().state_dict(), weights)
+
+        cfg = default_cfg(tmp / "data", device)
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+        print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"image size {cfg.image_size}, batch {cfg.batch_size}, freeze until {cfg.freeze_until}, "
+              f"{steps} steps x {args.rounds} rounds")
+        # First, while this process has no other children: ru_maxrss of children is then the script's own.
+        startup, peak_mib, code = real_run(tmp / "data", tmp / "md5.json", tmp / "home", tmp / "runs",
+                                           args.train_seconds)
+        loops = [ScriptLoop(cfg, device), BoundLoop(cfg, device), BaselineLoop(cfg, device)]
+        rates = measure(loops, steps, args.rounds, cfg.batch_size)
+
+    print(f"\n{'loop':<10}{'images/s':>10}")
+    for name, rate in rates.items():
+        print(f"{name:<10}{rate:>10.1f}")
+    print(f"script / bound     {rates['script'] / rates['bound']:.3f}")
+    print(f"script / baseline  {rates['script'] / rates['baseline']:.3f}")
+    print(f"benchmark process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    per_epoch = 45_000 / rates["script"]
+    print(f"python fine_tuning.py: first batch {startup:.1f} s after launch; peak RSS {peak_mib:.0f} MiB "
+          f"(exit code {code} after Ctrl-C)")
+    print(f"training time per epoch at this rate: {per_epoch / 60:.1f} min (45,000 images; "
+          f"validation not included)")
+
+
+if __name__ == "__main__":
+    main()
