@@ -771,6 +771,7 @@ def plot_curves(history, best_epoch, events, path):
             axis.axvline(epoch, color="gray", linestyle=":", label=f"unfreeze {block}")
         axis.set(xlabel="epoch", ylabel=label, title=label)
         axis.legend()
+    figure.suptitle(f"run {Path(path).parent.name}")
     figure.savefig(path, dpi=100)
     return path
 
