@@ -133,17 +133,24 @@ def parse_args(argv=None):
     return options, overrides
 
 
+def given_flags(options, overrides):
+    """The options typed on the command line besides --resume, as flags."""
+    return [flag(name) for name in overrides] + [
+        f for f, given in [("--dry-run", options.dry_run), ("--run-name", options.run_name)] if given]
+
+
 def bad(name, value, allowed):
     return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
 
 
-def as_int(name, value, minimum):
+def as_int(name, value, minimum, alternative=""):
+    allowed = f"expected {alternative}a whole number >= {minimum}"
     try:
         number = int(str(value).strip())
     except ValueError:
-        raise bad(name, value, f"expected a whole number >= {minimum}") from None
+        raise bad(name, value, allowed) from None
     if number < minimum:
-        raise bad(name, value, f"expected a whole number >= {minimum}")
+        raise bad(name, value, allowed)
     return number
 
 
@@ -177,8 +184,8 @@ def as_weights(value):
     text = str(value).strip()
     if text.lower() == "none":
         return "none"
-    if text.upper() in models.ResNet18_Weights.__members__:
-        return text.upper()
+    if text.upper() in models.ResNet18_Weights.__members__:   # IMAGENET1K_V1, or its alias DEFAULT
+        return models.ResNet18_Weights[text.upper()].name
     path = Path(text).expanduser()
     if path.is_file():
         return str(path)
@@ -199,8 +206,8 @@ def as_schedule(value, freeze_until, epochs):
     if isinstance(value, dict):
         items = list(value.items())
     else:
-        text = str(value).strip()
-        items = [] if text.lower() in ("", "none", "{}") else [
+        text = "".join(c for c in str(value) if c not in "{}'\" ")   # also accepts {5: "layer2"}
+        items = [] if text.lower() in ("", "none") else [
             part.split(":", 1) if ":" in part else (part, "") for part in text.split(",")]
     schedule = {}
     for epoch, block in items:
@@ -229,14 +236,14 @@ def check_settings(raw):
     """Turn raw settings (constants or command-line text) into checked values, or raise SettingError."""
     epochs = as_int("EPOCHS", raw["EPOCHS"], 1)
     freeze_until = as_choice("FREEZE_UNTIL", raw["FREEZE_UNTIL"], ["none"] + BLOCKS[:-1])
-    image_size = str(raw["IMAGE_SIZE"]).strip()
-    workers = str(raw["NUM_WORKERS"]).strip()
+    image_size = str(raw["IMAGE_SIZE"]).strip().lower()
+    workers = str(raw["NUM_WORKERS"]).strip().lower()
     return dict(
         DATA_DIR=as_folder("DATA_DIR", raw["DATA_DIR"]),
         SEED=as_int("SEED", raw["SEED"], 0),
         VAL_FRACTION=as_float("VAL_FRACTION", raw["VAL_FRACTION"],
                               "expected a number strictly between 0 and 1, e.g. 0.1", lambda x: 0 < x < 1),
-        IMAGE_SIZE="auto" if image_size == "auto" else as_int("IMAGE_SIZE", image_size, 32),
+        IMAGE_SIZE="auto" if image_size == "auto" else as_int("IMAGE_SIZE", image_size, 32, "auto or "),
         WEIGHTS=as_weights(raw["WEIGHTS"]),
         FREEZE_UNTIL=freeze_until,
         UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
@@ -248,7 +255,7 @@ def check_settings(raw):
         MONITOR=as_choice("MONITOR", raw["MONITOR"], ["val_loss", "val_acc"]),
         PATIENCE=as_int("PATIENCE", raw["PATIENCE"], 0),
         MIN_DELTA=as_float("MIN_DELTA", raw["MIN_DELTA"], "expected a number >= 0", lambda x: x >= 0),
-        NUM_WORKERS="auto" if workers == "auto" else as_int("NUM_WORKERS", workers, 0),
+        NUM_WORKERS="auto" if workers == "auto" else as_int("NUM_WORKERS", workers, 0, "auto or "),
         OUTPUT_DIR=as_folder("OUTPUT_DIR", raw["OUTPUT_DIR"]),
     )
 
@@ -434,11 +441,14 @@ def safe_load(path):
         ## untrusted file could otherwise run arbitrary code on your machine.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else ""
-        raise RunError(f"refused to load {path}: it holds Python objects other than tensors, and "
-                       f"unpickling them could run code. Only use files you trust. ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise RunError(f"could not read {path}: the file is truncated or corrupted ({error})") from None
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()
+                 and not line.strip().startswith(("Check the documentation", "Please file"))]
+        raise RunError(f"refused to load {path}: it holds more than tensors and plain containers, and "
+                       f"unpickling it fully could run code. Only use files you trust. "
+                       f"({lines[-1] if lines else 'not a PyTorch tensor file'})") from None
+    except Exception as error:   # truncated, empty, or not a PyTorch file at all
+        raise RunError(f"could not read {path}: not a PyTorch file, or truncated or corrupted "
+                       f"({type(error).__name__}: {error})") from None
 
 
 def imagenet_state_dict():
@@ -845,15 +855,17 @@ def load_resume(run_dir, overrides):
     run_dir = Path(run_dir)
     if overrides:
         raise SettingError(f"--resume continues a run with its saved settings; drop "
-                           f"{', '.join(flag(n) for n in overrides)} or start a new run")
-    if not (run_dir / "config.json").is_file():
-        raise SettingError(f"--resume {run_dir}: no config.json there; give a folder made by this script")
+                           f"{', '.join(overrides)} or start a new run")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        settings, dry_run = config["settings"], config["dry_run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SettingError(f"--resume {run_dir}: no readable config.json there; "
+                           "give a run folder made by this script") from None
     if not (run_dir / "last.pt").is_file():
         raise SettingError(f"--resume {run_dir}: no completed epoch to resume from (no last.pt); "
                            "start a new run")
-    config = json.loads((run_dir / "config.json").read_text())
-    state = safe_load(run_dir / "last.pt")
-    return config, state
+    return settings, dry_run, safe_load(run_dir / "last.pt")
 
 
 def main(argv=None):
@@ -873,6 +885,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted.", file=sys.stderr)
         return 130
+    except OSError as error:   # e.g. the disk is full
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def run(options, overrides):
@@ -883,8 +898,8 @@ def run(options, overrides):
     # --- settings ------------------------------------------------------------
     resumed = None
     if options.resume:
-        config, resumed = load_resume(options.resume, overrides)
-        raw, dry_run, run_dir = config["settings"], config["dry_run"], Path(options.resume)
+        raw, dry_run, resumed = load_resume(options.resume, given_flags(options, overrides))
+        run_dir = Path(options.resume)
     else:
         raw, dry_run = {**{name: globals()[name] for name in SETTINGS}, **overrides}, options.dry_run
     settings = check_settings(raw)
@@ -935,6 +950,11 @@ def run(options, overrides):
         stopper.load_state_dict(resumed["early_stopping"])
         torch.set_rng_state(resumed["torch_rng"])
         history, start_epoch = resumed["history"], resumed["epoch"] + 1
+        if start_epoch > cfg.epochs or stopper.should_stop:
+            results = run_dir / "results.json"
+            print(f"{run_dir} has already finished training ({len(history)} epochs): nothing to resume."
+                  + (f" Its results are in {results}." if results.exists() else ""))
+            return 0
         print(f"resuming {run_dir} after epoch {resumed['epoch']}")
     else:
         run_dir.mkdir(parents=True)

@@ -48,6 +48,15 @@ def test_command_line_overrides_reach_the_run(monkeypatch, tmp_path, capsys):
     assert history[2].split(",")[8:11] == ["0.0003", "0.0003", "0.002"]
 
 
+def test_friendly_spellings_are_accepted():
+    raw = {name: getattr(ft, name) for name in ft.SETTINGS}
+    settings = ft.check_settings({**raw, "UNFREEZE_SCHEDULE": "{5: 'layer2', 10: 'layer1'}", "WEIGHTS": "default",
+                                  "IMAGE_SIZE": "AUTO", "NUM_WORKERS": " 0 "})
+    assert settings["UNFREEZE_SCHEDULE"] == {5: "layer2", 10: "layer1"}
+    assert settings["WEIGHTS"] == "IMAGENET1K_V1"
+    assert settings["IMAGE_SIZE"] == "auto" and settings["NUM_WORKERS"] == 0
+
+
 def test_edited_constants_are_the_defaults(monkeypatch, tmp_path):
     monkeypatch.setattr(ft, "EPOCHS", 4)
     monkeypatch.setattr(ft, "UNFREEZE_SCHEDULE", {3: "layer1"})
@@ -73,7 +82,7 @@ BAD = [
     (["--val-fraction", "0"], "VAL_FRACTION", "strictly between 0 and 1"),
     (["--val-fraction", "1"], "VAL_FRACTION", "strictly between 0 and 1"),
     (["--val-fraction", "1.5"], "VAL_FRACTION", "strictly between 0 and 1"),
-    (["--image-size", "16"], "IMAGE_SIZE (--image-size) = '16'", ">= 32"),
+    (["--image-size", "16"], "IMAGE_SIZE (--image-size) = '16'", "expected auto or a whole number >= 32"),
     (["--image-size", "big"], "IMAGE_SIZE", ">= 32"),
     (["--weights", "imagenet22k"], "WEIGHTS (--weights) = 'imagenet22k'", "IMAGENET1K_V1, none"),
     (["--weights", "missing/resnet.pth"], "WEIGHTS", "no such file"),

@@ -169,11 +169,38 @@ def test_resume_reaches_exactly_the_weights_of_an_uninterrupted_run(cifar_root, 
 def test_resume_refuses_other_settings_and_missing_state(tmp_path, capsys):
     assert ft.main(["--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
+    assert ft.main(["--resume", str(tmp_path), "--run-name", "other"]) == 2
+    assert "drop --run-name" in capsys.readouterr().err
     assert ft.main(["--resume", str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text("{}")
+    assert "no readable config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{not json")
+    assert ft.main(["--resume", str(tmp_path)]) == 2
+    assert "no readable config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"settings": {}, "dry_run": false}')
     assert ft.main(["--resume", str(tmp_path)]) == 2
     assert "no completed epoch" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    args = ["--weights", "none", "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "done"]
+    assert ft.main(args) == 0
+    before = (tmp_path / "done" / "last.pt").read_bytes()
+    assert ft.main(["--resume", str(tmp_path / "done")]) == 0
+    assert "already finished training (1 epochs): nothing to resume" in capsys.readouterr().out
+    assert (tmp_path / "done" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "could not read"),
+    (b"hello, this is not a checkpoint\n", "could not read"),
+])
+def test_weights_file_that_is_not_a_pytorch_file_gets_a_clear_error(content, message, tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    assert ft.main(["--weights", str(path), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: WEIGHTS (--weights):") and message in err and "Traceback" not in err
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
