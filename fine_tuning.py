@@ -85,182 +85,6 @@ class RunError(Exception):
 
 
 # =============================================================================
-# Command line and settings checks
-# =============================================================================
-HELP = {
-    "DATA_DIR": "folder that holds (or receives) cifar-10-batches-py",
-    "SEED": "random seed for the split, the head's init, shuffling and augmentation",
-    "VAL_FRACTION": "fraction of the training images held out for validation, in (0, 1)",
-    "IMAGE_SIZE": "'auto' (224 on CUDA, 32 elsewhere) or a size in pixels >= 32",
-    "WEIGHTS": "IMAGENET1K_V1, none (random init), or a path to a ResNet18 state dict",
-    "FREEZE_UNTIL": "last frozen block: none, stem, layer1, layer2, layer3, layer4",
-    "UNFREEZE_SCHEDULE": "gradual unfreezing as EPOCH:BLOCK,... e.g. '5:layer2,10:layer1'",
-    "BATCH_SIZE": "training batch size",
-    "EPOCHS": "maximum number of epochs",
-    "BACKBONE_LR": "learning rate of the pretrained blocks being fine-tuned",
-    "HEAD_LR": "learning rate of the new classifier head",
-    "MONITOR": "what early stopping watches: val_loss or val_acc",
-    "PATIENCE": "epochs without improvement before stopping",
-    "MIN_DELTA": "smallest change that counts as an improvement",
-    "NUM_WORKERS": "DataLoader worker processes, or 'auto'",
-    "OUTPUT_DIR": "where run folders are written",
-}
-
-
-def flag(name):
-    return "--" + name.lower().replace("_", "-")
-
-
-def parse_args(argv=None):
-    """Command-line options, one per constant. Returns (options, overrides given)."""
-    parser = argparse.ArgumentParser(
-        prog="fine_tuning.py", description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
-                    "Every option overrides the constant of the same name at the top of the file.")
-    for name in SETTINGS:
-        default = globals()[name]
-        shown = schedule_text(default) if name == "UNFREEZE_SCHEDULE" else default
-        # SUPPRESS: an option not given stays out of the result, so we know what was overridden.
-        parser.add_argument(flag(name), dest=name, metavar=name, default=argparse.SUPPRESS,
-                            help=f"{HELP[name]} (default: {shown})")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the install offline in about a minute: synthetic data, random "
-                             f"weights, 2 epochs of {DRY_RUN_BATCHES} batches per phase")
-    parser.add_argument("--run-name", help="name of the run folder (default: time and key settings)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from its last completed epoch")
-    options = parser.parse_args(argv)
-    overrides = {name: getattr(options, name) for name in SETTINGS if hasattr(options, name)}
-    return options, overrides
-
-
-def given_flags(options, overrides):
-    """The options typed on the command line besides --resume, as flags."""
-    return [flag(name) for name in overrides] + [
-        f for f, given in [("--dry-run", options.dry_run), ("--run-name", options.run_name)] if given]
-
-
-def bad(name, value, allowed):
-    return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
-
-
-def as_int(name, value, minimum, alternative=""):
-    allowed = f"expected {alternative}a whole number >= {minimum}"
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise bad(name, value, allowed) from None
-    if number < minimum:
-        raise bad(name, value, allowed)
-    return number
-
-
-def as_float(name, value, allowed, ok):
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise bad(name, value, allowed) from None
-    if not (math.isfinite(number) and ok(number)):
-        raise bad(name, value, allowed)
-    return number
-
-
-def as_choice(name, value, choices):
-    if str(value) not in choices:
-        raise bad(name, value, "choose one of " + ", ".join(choices))
-    return str(value)
-
-
-def as_folder(name, value):
-    path = Path(str(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise bad(name, str(value), "it is a file; give a folder")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise bad(name, str(value), f"{existing} is not writable; choose a folder you can write to")
-    return str(path)
-
-
-def as_weights(value):
-    text = str(value).strip()
-    if text.lower() == "none":
-        return "none"
-    if text.upper() in models.ResNet18_Weights.__members__:   # IMAGENET1K_V1, or its alias DEFAULT
-        return models.ResNet18_Weights[text.upper()].name
-    path = Path(text).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.exists():
-        raise bad("WEIGHTS", text, "it is a folder; give a state-dict file")
-    if os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        raise bad("WEIGHTS", text, "no such file")
-    raise bad("WEIGHTS", text, "use IMAGENET1K_V1, none, or the path of a ResNet18 state-dict file")
-
-
-def schedule_text(schedule):
-    return ",".join(f"{epoch}:{block}" for epoch, block in sorted(schedule.items())) or "none"
-
-
-def as_schedule(value, freeze_until, epochs):
-    """'5:layer2,10:layer1' or {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}, checked."""
-    name = "UNFREEZE_SCHEDULE"
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        text = "".join(c for c in str(value) if c not in "{}'\" ")   # also accepts {5: "layer2"}
-        items = [] if text.lower() in ("", "none") else [
-            part.split(":", 1) if ":" in part else (part, "") for part in text.split(",")]
-    schedule = {}
-    for epoch, block in items:
-        try:
-            epoch = int(str(epoch).strip())
-        except ValueError:
-            raise bad(name, value, "write EPOCH:BLOCK pairs, e.g. 5:layer2,10:layer1") from None
-        block = str(block).strip()
-        if not 1 <= epoch <= epochs:
-            raise bad(name, value, f"epoch {epoch} is outside 1..{epochs} (EPOCHS)")
-        if block not in BLOCKS[:-1]:
-            raise bad(name, value, f"unknown block {block!r}; blocks are {', '.join(BLOCKS[:-1])}")
-        if epoch in schedule:
-            raise bad(name, value, f"epoch {epoch} appears twice")
-        schedule[epoch] = block
-    frozen = BLOCKS[:BLOCKS.index(freeze_until) + 1] if freeze_until != "none" else []
-    for epoch, block in sorted(schedule.items()):
-        if block not in frozen:
-            raise bad(name, value, f"{block} is already trainable at epoch {epoch} "
-                                   f"(FREEZE_UNTIL={freeze_until}); name a block that is still frozen")
-        frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
-    return schedule
-
-
-def check_settings(raw):
-    """Turn raw settings (constants or command-line text) into checked values, or raise SettingError."""
-    epochs = as_int("EPOCHS", raw["EPOCHS"], 1)
-    freeze_until = as_choice("FREEZE_UNTIL", raw["FREEZE_UNTIL"], ["none"] + BLOCKS[:-1])
-    image_size = str(raw["IMAGE_SIZE"]).strip().lower()
-    workers = str(raw["NUM_WORKERS"]).strip().lower()
-    return dict(
-        DATA_DIR=as_folder("DATA_DIR", raw["DATA_DIR"]),
-        SEED=as_int("SEED", raw["SEED"], 0),
-        VAL_FRACTION=as_float("VAL_FRACTION", raw["VAL_FRACTION"],
-                              "expected a number strictly between 0 and 1, e.g. 0.1", lambda x: 0 < x < 1),
-        IMAGE_SIZE="auto" if image_size == "auto" else as_int("IMAGE_SIZE", image_size, 32, "auto or "),
-        WEIGHTS=as_weights(raw["WEIGHTS"]),
-        FREEZE_UNTIL=freeze_until,
-        UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
-        BATCH_SIZE=as_int("BATCH_SIZE", raw["BATCH_SIZE"], 1),
-        EPOCHS=epochs,
-        BACKBONE_LR=as_float("BACKBONE_LR", raw["BACKBONE_LR"],
-                             "expected a positive number, e.g. 1e-4", lambda x: x > 0),
-        HEAD_LR=as_float("HEAD_LR", raw["HEAD_LR"], "expected a positive number, e.g. 1e-3", lambda x: x > 0),
-        MONITOR=as_choice("MONITOR", raw["MONITOR"], ["val_loss", "val_acc"]),
-        PATIENCE=as_int("PATIENCE", raw["PATIENCE"], 0),
-        MIN_DELTA=as_float("MIN_DELTA", raw["MIN_DELTA"], "expected a number >= 0", lambda x: x >= 0),
-        NUM_WORKERS="auto" if workers == "auto" else as_int("NUM_WORKERS", workers, 0, "auto or "),
-        OUTPUT_DIR=as_folder("OUTPUT_DIR", raw["OUTPUT_DIR"]),
-    )
-
-
-# =============================================================================
 # Data: CIFAR-10, a stratified validation split, augmentation on the device
 # =============================================================================
 ## CIFAR-10 has 50,000 training and 10,000 test images of 32x32 pixels in 10
@@ -806,6 +630,182 @@ def print_comparison(rows, limit=8):
         print(f"{row['run'][:21]:<22}{row['freeze_until']:>7}{float(row['backbone_lr']):>7.0e}"
               f"{float(row['head_lr']):>8.0e}{row['weights'][:8]:>9}{float(row['best_val_acc']):>8.1%}"
               f"{float(row['test_acc']):>9.1%}{row['epochs']:>4}{float(row['minutes']):>6.1f}")
+
+
+# =============================================================================
+# Command line and settings checks: every mistake gets a one-line error
+# =============================================================================
+HELP = {
+    "DATA_DIR": "folder that holds (or receives) cifar-10-batches-py",
+    "SEED": "random seed for the split, the head's init, shuffling and augmentation",
+    "VAL_FRACTION": "fraction of the training images held out for validation, in (0, 1)",
+    "IMAGE_SIZE": "'auto' (224 on CUDA, 32 elsewhere) or a size in pixels >= 32",
+    "WEIGHTS": "IMAGENET1K_V1, none (random init), or a path to a ResNet18 state dict",
+    "FREEZE_UNTIL": "last frozen block: none, stem, layer1, layer2, layer3, layer4",
+    "UNFREEZE_SCHEDULE": "gradual unfreezing as EPOCH:BLOCK,... e.g. '5:layer2,10:layer1'",
+    "BATCH_SIZE": "training batch size",
+    "EPOCHS": "maximum number of epochs",
+    "BACKBONE_LR": "learning rate of the pretrained blocks being fine-tuned",
+    "HEAD_LR": "learning rate of the new classifier head",
+    "MONITOR": "what early stopping watches: val_loss or val_acc",
+    "PATIENCE": "epochs without improvement before stopping",
+    "MIN_DELTA": "smallest change that counts as an improvement",
+    "NUM_WORKERS": "DataLoader worker processes, or 'auto'",
+    "OUTPUT_DIR": "where run folders are written",
+}
+
+
+def flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
+def parse_args(argv=None):
+    """Command-line options, one per constant. Returns (options, overrides given)."""
+    parser = argparse.ArgumentParser(
+        prog="fine_tuning.py", description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
+                    "Every option overrides the constant of the same name at the top of the file.")
+    for name in SETTINGS:
+        default = globals()[name]
+        shown = schedule_text(default) if name == "UNFREEZE_SCHEDULE" else default
+        # SUPPRESS: an option not given stays out of the result, so we know what was overridden.
+        parser.add_argument(flag(name), dest=name, metavar=name, default=argparse.SUPPRESS,
+                            help=f"{HELP[name]} (default: {shown})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the install offline in about a minute: synthetic data, random "
+                             f"weights, 2 epochs of {DRY_RUN_BATCHES} batches per phase")
+    parser.add_argument("--run-name", help="name of the run folder (default: time and key settings)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last completed epoch")
+    options = parser.parse_args(argv)
+    overrides = {name: getattr(options, name) for name in SETTINGS if hasattr(options, name)}
+    return options, overrides
+
+
+def given_flags(options, overrides):
+    """The options typed on the command line besides --resume, as flags."""
+    return [flag(name) for name in overrides] + [
+        f for f, given in [("--dry-run", options.dry_run), ("--run-name", options.run_name)] if given]
+
+
+def bad(name, value, allowed):
+    return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
+
+
+def as_int(name, value, minimum, alternative=""):
+    allowed = f"expected {alternative}a whole number >= {minimum}"
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise bad(name, value, allowed) from None
+    if number < minimum:
+        raise bad(name, value, allowed)
+    return number
+
+
+def as_float(name, value, allowed, ok):
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise bad(name, value, allowed) from None
+    if not (math.isfinite(number) and ok(number)):
+        raise bad(name, value, allowed)
+    return number
+
+
+def as_choice(name, value, choices):
+    if str(value) not in choices:
+        raise bad(name, value, "choose one of " + ", ".join(choices))
+    return str(value)
+
+
+def as_folder(name, value):
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise bad(name, str(value), "it is a file; give a folder")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise bad(name, str(value), f"{existing} is not writable; choose a folder you can write to")
+    return str(path)
+
+
+def as_weights(value):
+    text = str(value).strip()
+    if text.lower() == "none":
+        return "none"
+    if text.upper() in models.ResNet18_Weights.__members__:   # IMAGENET1K_V1, or its alias DEFAULT
+        return models.ResNet18_Weights[text.upper()].name
+    path = Path(text).expanduser()
+    if path.is_file():
+        return str(path)
+    if path.exists():
+        raise bad("WEIGHTS", text, "it is a folder; give a state-dict file")
+    if os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise bad("WEIGHTS", text, "no such file")
+    raise bad("WEIGHTS", text, "use IMAGENET1K_V1, none, or the path of a ResNet18 state-dict file")
+
+
+def schedule_text(schedule):
+    return ",".join(f"{epoch}:{block}" for epoch, block in sorted(schedule.items())) or "none"
+
+
+def as_schedule(value, freeze_until, epochs):
+    """'5:layer2,10:layer1' or {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}, checked."""
+    name = "UNFREEZE_SCHEDULE"
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        text = "".join(c for c in str(value) if c not in "{}'\" ")   # also accepts {5: "layer2"}
+        items = [] if text.lower() in ("", "none") else [
+            part.split(":", 1) if ":" in part else (part, "") for part in text.split(",")]
+    schedule = {}
+    for epoch, block in items:
+        try:
+            epoch = int(str(epoch).strip())
+        except ValueError:
+            raise bad(name, value, "write EPOCH:BLOCK pairs, e.g. 5:layer2,10:layer1") from None
+        block = str(block).strip()
+        if not 1 <= epoch <= epochs:
+            raise bad(name, value, f"epoch {epoch} is outside 1..{epochs} (EPOCHS)")
+        if block not in BLOCKS[:-1]:
+            raise bad(name, value, f"unknown block {block!r}; blocks are {', '.join(BLOCKS[:-1])}")
+        if epoch in schedule:
+            raise bad(name, value, f"epoch {epoch} appears twice")
+        schedule[epoch] = block
+    frozen = BLOCKS[:BLOCKS.index(freeze_until) + 1] if freeze_until != "none" else []
+    for epoch, block in sorted(schedule.items()):
+        if block not in frozen:
+            raise bad(name, value, f"{block} is already trainable at epoch {epoch} "
+                                   f"(FREEZE_UNTIL={freeze_until}); name a block that is still frozen")
+        frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
+    return schedule
+
+
+def check_settings(raw):
+    """Turn raw settings (constants or command-line text) into checked values, or raise SettingError."""
+    epochs = as_int("EPOCHS", raw["EPOCHS"], 1)
+    freeze_until = as_choice("FREEZE_UNTIL", raw["FREEZE_UNTIL"], ["none"] + BLOCKS[:-1])
+    image_size = str(raw["IMAGE_SIZE"]).strip().lower()
+    workers = str(raw["NUM_WORKERS"]).strip().lower()
+    return dict(
+        DATA_DIR=as_folder("DATA_DIR", raw["DATA_DIR"]),
+        SEED=as_int("SEED", raw["SEED"], 0),
+        VAL_FRACTION=as_float("VAL_FRACTION", raw["VAL_FRACTION"],
+                              "expected a number strictly between 0 and 1, e.g. 0.1", lambda x: 0 < x < 1),
+        IMAGE_SIZE="auto" if image_size == "auto" else as_int("IMAGE_SIZE", image_size, 32, "auto or "),
+        WEIGHTS=as_weights(raw["WEIGHTS"]),
+        FREEZE_UNTIL=freeze_until,
+        UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
+        BATCH_SIZE=as_int("BATCH_SIZE", raw["BATCH_SIZE"], 1),
+        EPOCHS=epochs,
+        BACKBONE_LR=as_float("BACKBONE_LR", raw["BACKBONE_LR"],
+                             "expected a positive number, e.g. 1e-4", lambda x: x > 0),
+        HEAD_LR=as_float("HEAD_LR", raw["HEAD_LR"], "expected a positive number, e.g. 1e-3", lambda x: x > 0),
+        MONITOR=as_choice("MONITOR", raw["MONITOR"], ["val_loss", "val_acc"]),
+        PATIENCE=as_int("PATIENCE", raw["PATIENCE"], 0),
+        MIN_DELTA=as_float("MIN_DELTA", raw["MIN_DELTA"], "expected a number >= 0", lambda x: x >= 0),
+        NUM_WORKERS="auto" if workers == "auto" else as_int("NUM_WORKERS", workers, 0, "auto or "),
+        OUTPUT_DIR=as_folder("OUTPUT_DIR", raw["OUTPUT_DIR"]),
+    )
 
 
 # =============================================================================
