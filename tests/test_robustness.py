@@ -83,8 +83,9 @@ def test_poisoned_hub_cache_is_refused(tmp_path, monkeypatch):
     cached = tmp_path / "home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     torch.save({"conv1.weight": Evil(marker)}, cached)
-    with pytest.raises(ft.RunError, match="corrupted or unsafe"):
+    with pytest.raises(ft.RunError, match="could not be loaded safely") as caught:
         ft.build_model("IMAGENET1K_V1")
+    assert "GLOBAL posix.system" in str(caught.value) and "Delete that file" in str(caught.value)
     assert not marker.exists()
 
 
@@ -176,7 +177,7 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{not json")
     assert ft.main(["--resume", str(tmp_path)]) == 2
     assert "no readable config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text('{"settings": {}, "dry_run": false}')
+    (tmp_path / "config.json").write_text('{"settings": {}, "dry_run": false, "image_size_used": 32}')
     assert ft.main(["--resume", str(tmp_path)]) == 2
     assert "no completed epoch" in capsys.readouterr().err
 
