@@ -722,9 +722,9 @@ def as_float(name, value, allowed, ok):
 
 
 def as_choice(name, value, choices):
-    if str(value) not in choices:
+    if str(value).strip().lower() not in choices:
         raise bad(name, value, "choose one of " + ", ".join(choices))
-    return str(value)
+    return str(value).strip().lower()
 
 
 def as_folder(name, value):
@@ -772,7 +772,7 @@ def as_schedule(value, freeze_until, epochs):
             epoch = int(str(epoch).strip())
         except ValueError:
             raise bad(name, value, "write EPOCH:BLOCK pairs, e.g. 5:layer2,10:layer1") from None
-        block = str(block).strip()
+        block = str(block).strip().lower()
         if not 1 <= epoch <= epochs:
             raise bad(name, value, f"epoch {epoch} is outside 1..{epochs} (EPOCHS)")
         if block not in BLOCKS[:-1]:
@@ -911,7 +911,9 @@ def main(argv=None):
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError:
+    except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
+        if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)):
+            raise   # anything else is a bug: show its traceback
         print("error: the GPU ran out of memory. Try a smaller --batch-size (e.g. 16) "
               "or --image-size (e.g. 128).", file=sys.stderr)
         return 1

@@ -78,8 +78,10 @@ class ScriptLoop:
 class BoundLoop:
     name = "bound"
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, memory_format=None):
         self.hw = ft.Hardware(device, cfg.image_size, [0.5] * 3, [0.25] * 3)
+        if memory_format is not None:          # --other-layout: the layout the script does not use
+            self.hw.memory_format, self.name = memory_format, f"bound-{str(memory_format)[6:]}"
         self.model = frozen_model(cfg, device, self.hw.memory_format)
         self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr), device)
         size = cfg.image_size
@@ -173,6 +175,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="steps per loop per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-seconds", type=float, default=20, help="training time of the real run")
+    parser.add_argument("--other-layout", action="store_true",
+                        help="also time the bound in the memory layout the script does not use on this device")
     args = parser.parse_args()
     device = ft.choose_device()
     steps = args.steps or (200 if device.type == "cuda" else 40)
@@ -195,15 +199,18 @@ def main():
         startup, peak_mib, code = real_run(tmp / "data", tmp / "md5.json", tmp / "home", tmp / "runs",
                                            args.train_seconds)
         loops = [ScriptLoop(cfg, device), BoundLoop(cfg, device), BaselineLoop(cfg, device)]
+        if args.other_layout:
+            other = torch.contiguous_format if device.type == "cuda" else torch.channels_last
+            loops.append(BoundLoop(cfg, device, other))
         rates = measure(loops, steps, args.rounds, cfg.batch_size)
         script = loops[0]
         start = time.perf_counter()
         ft.evaluate(script.model, script.val_loader, script.hw)
         validation_s = time.perf_counter() - start
 
-    print(f"\n{'loop':<10}{'images/s':>10}")
+    print(f"\n{'loop':<20}{'images/s':>10}")
     for name, rate in rates.items():
-        print(f"{name:<10}{rate:>10.1f}")
+        print(f"{name:<20}{rate:>10.1f}")
     print(f"script / bound     {rates['script'] / rates['bound']:.3f}")
     print(f"script / baseline  {rates['script'] / rates['baseline']:.3f}")
     print(f"benchmark process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -50,9 +50,11 @@ def test_command_line_overrides_reach_the_run(monkeypatch, tmp_path, capsys):
 
 def test_friendly_spellings_are_accepted():
     raw = {name: getattr(ft, name) for name in ft.SETTINGS}
-    settings = ft.check_settings({**raw, "UNFREEZE_SCHEDULE": "{5: 'layer2', 10: 'layer1'}", "WEIGHTS": "default",
-                                  "IMAGE_SIZE": "AUTO", "NUM_WORKERS": " 0 "})
+    settings = ft.check_settings({**raw, "UNFREEZE_SCHEDULE": "{5: 'Layer2', 10: 'layer1'}", "WEIGHTS": "default",
+                                  "IMAGE_SIZE": "AUTO", "NUM_WORKERS": " 0 ", "FREEZE_UNTIL": "Layer3",
+                                  "MONITOR": "VAL_ACC"})
     assert settings["UNFREEZE_SCHEDULE"] == {5: "layer2", 10: "layer1"}
+    assert settings["FREEZE_UNTIL"] == "layer3" and settings["MONITOR"] == "val_acc"
     assert settings["WEIGHTS"] == "IMAGENET1K_V1"
     assert settings["IMAGE_SIZE"] == "auto" and settings["NUM_WORKERS"] == 0
 

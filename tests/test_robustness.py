@@ -230,12 +230,21 @@ def test_huge_learning_rate_stops_with_a_nan_message(cifar_root, torch_home, tmp
     assert (tmp_path / "runs" / "nan" / "history.csv").exists()
 
 
-def test_gpu_out_of_memory_suggests_smaller_batch_or_image(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)")])
+def test_gpu_out_of_memory_suggests_smaller_batch_or_image(error, monkeypatch, tmp_path, capsys):
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
     monkeypatch.setattr(ft, "train_one_epoch", out_of_memory)
     assert ft.main(["--weights", "none", "--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "ran out of memory" in err and "--batch-size" in err and "--image-size" in err
+
+
+def test_other_runtime_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    monkeypatch.setattr(ft, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        ft.main(["--weights", "none", "--output-dir", str(tmp_path)])
