@@ -7,7 +7,7 @@ is the code it walks through, in the same order:
     -> early stopping -> results
 
     python fine_tuning.py                        # 15 epochs (downloads CIFAR-10 and the weights)
-    python fine_tuning.py --dry-run              # about a minute, offline: checks your install
+    python fine_tuning.py --dry-run              # seconds, offline: checks your install
     python fine_tuning.py --freeze-until layer4  # override any constant below; --help lists them
 
 Comments come in two registers: `##` lines teach, `#` lines explain the code.
@@ -576,9 +576,9 @@ def print_report(confusion, classes):
     """Test accuracy per class, the confusion matrix and the most confused pairs, in 80 columns."""
     totals = confusion.sum(1)
     print(f"\n{'class':<12}{'accuracy':>9}{'correct':>10}{'images':>8}")
-    for c, name in enumerate(classes):
-        acc = f"{confusion[c, c].item() / totals[c].item():.1%}" if totals[c] else "n/a"
-        print(f"{name[:12]:<12}{acc:>9}{confusion[c, c].item():>10}{totals[c].item():>8}")
+    for c, (name, acc) in enumerate(per_class_accuracy(confusion, classes).items()):
+        shown = "n/a" if acc is None else f"{acc:.1%}"   # n/a: no test image of this class
+        print(f"{name[:12]:<12}{shown:>9}{confusion[c, c].item():>10}{totals[c].item():>8}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     print(" " * 11 + "".join(f"{name[:5]:>6}" for name in classes))
     for c, name in enumerate(classes):
@@ -680,7 +680,7 @@ def parse_args(argv=None):
         parser.add_argument(flag(name), dest=name, metavar=name, default=argparse.SUPPRESS,
                             help=f"{HELP[name]} (default: {shown})")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the install offline in about a minute: synthetic data, random "
+                        help="check the install offline in seconds: synthetic data, random "
                              f"weights, 2 epochs of {DRY_RUN_BATCHES} batches per phase")
     parser.add_argument("--run-name", help="name of the run folder (default: time and key settings)")
     parser.add_argument("--resume", metavar="RUN_DIR",
