@@ -954,6 +954,7 @@ def run(options, overrides):
           f"{'   (dry run: synthetic data, random weights)' if dry_run else ''}")
 
     # --- model (the weights file is checked before any data is downloaded) ---
+    print(f"model: ResNet18, weights {cfg.weights}, new 10-class head")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.weights)
     ## Normalise inputs the way the pretrained weights saw ImageNet during
@@ -963,6 +964,8 @@ def run(options, overrides):
     hw = Hardware(device, cfg.image_size, preset.mean, preset.std)
 
     # --- data ----------------------------------------------------------------
+    if not dry_run:
+        print(f"data: CIFAR-10 in {cfg.data_dir} (downloaded on the first run, about 170 MB)")
     train_data, test_data, classes = (synthetic_cifar10(cfg.seed) if dry_run
                                       else load_cifar10(cfg.data_dir))
     train_loader, val_loader, test_loader = make_loaders(train_data, test_data, cfg, device)
