@@ -73,7 +73,7 @@ SETTINGS = ["DATA_DIR", "SEED", "VAL_FRACTION", "IMAGE_SIZE", "WEIGHTS", "FREEZE
             "PATIENCE", "MIN_DELTA", "NUM_WORKERS", "OUTPUT_DIR"]
 BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]   # ResNet18, input to output
 DRY_RUN_BATCHES = 4          # --dry-run: batches per phase (train, validation, test)
-SYNC_EVERY = 10              # read the loss back from the device every N batches (see train_one_epoch)
+SYNC_EVERY = 25              # read the loss back from the device every N batches (see train_one_epoch)
 
 
 class SettingError(Exception):

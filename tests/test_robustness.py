@@ -248,3 +248,21 @@ def test_other_runtime_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp
     monkeypatch.setattr(ft, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         ft.main(["--weights", "none", "--output-dir", str(tmp_path)])
+
+
+def test_nan_is_reported_at_the_exact_batch_even_between_device_syncs(monkeypatch):
+    from helpers import small_setup
+    setup = small_setup(n_train=400)        # 22 batches of 16: all inside one SYNC_EVERY window
+    calls = {"n": 0}
+    forward = setup.model.forward
+
+    def poisoned(x):
+        calls["n"] += 1
+        logits = forward(x)
+        return logits * float("nan") if calls["n"] == 7 else logits
+
+    monkeypatch.setattr(setup.model, "forward", poisoned)
+    with pytest.raises(ft.Diverged) as where:
+        ft.train_one_epoch(setup.model, setup.loaders[0], setup.optimizer, setup.hw, torch.Generator(), epoch=3)
+    assert (where.value.epoch, where.value.batch) == (3, 7)
+    assert ft.SYNC_EVERY > 7
