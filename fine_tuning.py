@@ -1004,8 +1004,8 @@ def run(options, overrides):
     save_text(csv_text(history, HISTORY_COLUMNS), run_dir / "history.csv")
     print(f"\nstopped: {reason}")
     resume_hint = f"resume with: python fine_tuning.py --resume {run_dir}"
-    if stopper.best_epoch is None:
-        print(f"no epoch was completed, so there is nothing to test.\n{resume_hint}")
+    if stopper.best_epoch is None:   # interrupted during the first epoch
+        print("no epoch was completed: there is nothing to test or to resume; start the run again.")
         return 130
 
     # --- test the best epoch's weights ---------------------------------------

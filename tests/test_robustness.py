@@ -266,3 +266,23 @@ def test_nan_is_reported_at_the_exact_batch_even_between_device_syncs(monkeypatc
         ft.train_one_epoch(setup.model, setup.loaders[0], setup.optimizer, setup.hw, torch.Generator(), epoch=3)
     assert (where.value.epoch, where.value.batch) == (3, 7)
     assert ft.SYNC_EVERY > 7
+
+
+def test_ctrl_c_in_the_first_epoch_exits_130_and_says_there_is_nothing_to_resume(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    real_inputs = ft.Hardware.inputs
+
+    def press_ctrl_c_on_batch_2(self, images, augment_with=None):
+        if augment_with is not None and press_ctrl_c_on_batch_2.calls == 1:
+            ft.on_ctrl_c(None, None)                  # what the first Ctrl-C does
+        press_ctrl_c_on_batch_2.calls += augment_with is not None
+        return real_inputs(self, images, augment_with)
+
+    press_ctrl_c_on_batch_2.calls = 0
+    monkeypatch.setattr(ft.Hardware, "inputs", press_ctrl_c_on_batch_2)
+    code = ft.main(["--weights", "none", "--output-dir", str(tmp_path), "--run-name", "early"])
+    out = capsys.readouterr().out
+    assert code == 130
+    assert "stopping after this batch" in out and "nothing to test or to resume" in out
+    assert press_ctrl_c_on_batch_2.calls == 2            # the batch in progress was finished, then it stopped
+    assert not (tmp_path / "early" / "last.pt").exists() and (tmp_path / "early" / "config.json").exists()
