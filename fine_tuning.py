@@ -564,6 +564,12 @@ def csv_text(rows, columns):
 
 HISTORY_COLUMNS = (["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
                    + [f"lr_{name}" for name in BLOCKS] + ["trainable", "seconds"])
+
+
+def save_history(history, run_dir):
+    save_text(csv_text(history, HISTORY_COLUMNS), Path(run_dir) / "history.csv")
+
+
 SUMMARY_COLUMNS = ["run", "freeze_until", "backbone_lr", "head_lr", "image_size", "weights",
                    "unfreeze_schedule", "best_val_acc", "test_acc", "epochs", "minutes"]
 
@@ -1001,7 +1007,7 @@ def run(options, overrides):
                      start_epoch, run_dir, max_batches)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    save_text(csv_text(history, HISTORY_COLUMNS), run_dir / "history.csv")
+    save_history(history, run_dir)
     print(f"\nstopped: {reason}")
     resume_hint = f"resume with: python fine_tuning.py --resume {run_dir}"
     if stopper.best_epoch is None:   # interrupted during the first epoch
@@ -1040,7 +1046,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, s
             train_loss, train_acc, finished = train_one_epoch(
                 model, train_loader, optimizer, hw, augment_with, epoch, max_batches)
         except Diverged as where:
-            save_text(csv_text(history, HISTORY_COLUMNS), run_dir / "history.csv")
+            save_history(history, run_dir)
             kept = (f"The best checkpoint so far (epoch {stopper.best_epoch}) is kept in "
                     f"{run_dir / 'best.pt'}." if stopper.best_epoch else "")
             raise RunError(f"training diverged: the loss became nan or inf at {where}. Try a lower "
@@ -1060,7 +1066,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, s
         save_torch(dict(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scaler=hw.scaler.state_dict(), early_stopping=stopper.state_dict(),
                         history=history, torch_rng=torch.get_rng_state()), run_dir / "last.pt")
-        save_text(csv_text(history, HISTORY_COLUMNS), run_dir / "history.csv")
+        save_history(history, run_dir)
         print(f"{epoch:>5}{train_loss:>12.4f}{train_acc:>11.2%}{val_loss:>10.4f}{val_acc:>9.2%}"
               f"{history[-1]['seconds']:>7.1f}s{'  * best' if improved else ''}", flush=True)
         if stop_requested:

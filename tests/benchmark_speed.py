@@ -39,15 +39,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, models, transforms  # noqa: E402
 
 import fine_tuning as ft  # noqa: E402
-from helpers import trust_test_md5, write_cifar10  # noqa: E402
+from fake_cifar10 import trust_test_md5, write_cifar10  # noqa: E402
+from helpers import cfg_from_constants  # noqa: E402
 
 
 def default_cfg(data_dir, device):
-    cfg = ft.SimpleNamespace(**{k.lower(): v for k, v in ft.check_settings(
-        {name: getattr(ft, name) for name in ft.SETTINGS}).items()})
-    cfg.data_dir = str(data_dir)
-    cfg.image_size = 224 if device.type == "cuda" else 32
-    return cfg
+    """The script's defaults, with IMAGE_SIZE "auto" resolved as run() does."""
+    return cfg_from_constants(data_dir=str(data_dir), image_size=224 if device.type == "cuda" else 32)
 
 
 def frozen_model(cfg, device, memory_format=torch.contiguous_format):

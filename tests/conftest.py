@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fine_tuning as ft  # noqa: E402,F401
-from helpers import write_cifar10  # noqa: E402
+from fake_cifar10 import write_cifar10  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):

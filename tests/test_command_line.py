@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import fine_tuning as ft
+from helpers import use_synthetic_data
 from conftest import ROOT
 
 
@@ -26,7 +26,7 @@ def test_help_lists_every_setting_with_its_default():
 
 
 def test_command_line_overrides_reach_the_run(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     code = ft.main(["--weights", "none", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
                     "--backbone-lr", "3e-4", "--head-lr", "2e-3", "--freeze-until", "layer3",
                     "--unfreeze-schedule", "2:layer3", "--monitor", "val_acc", "--patience", "5",
@@ -133,14 +133,14 @@ def test_folder_that_is_not_writable_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_val_fraction_that_empties_a_split_is_refused(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=40, n_test=10))
+    use_synthetic_data(monkeypatch, 40, 10)
     assert ft.main(["--weights", "none", "--val-fraction", "0.01", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "VAL_FRACTION (--val-fraction) = 0.01 is not allowed: it leaves 40 training and 0 validation" in err
 
 
 def test_batch_larger_than_the_training_split_is_refused(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=100, n_test=10))
+    use_synthetic_data(monkeypatch, 100, 10)
     assert ft.main(["--weights", "none", "--batch-size", "128", "--output-dir", str(tmp_path)]) == 2
     assert "BATCH_SIZE (--batch-size) = 128 is not allowed: the training split has only 90 images" in (
         capsys.readouterr().err)

@@ -6,7 +6,7 @@ import torch
 
 import fine_tuning as ft
 from conftest import load_model_state
-from helpers import snapshot
+from helpers import snapshot, use_synthetic_data
 
 
 def test_stops_after_patience_epochs_without_an_improvement_of_min_delta():
@@ -47,7 +47,7 @@ def test_state_round_trips_for_resume():
 
 
 def test_run_stops_early_and_tests_the_best_epochs_weights(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     val_losses = iter([1.0, 0.5, 0.6, 0.55, 0.7, 0.4, 0.3])   # best at epoch 2; 3 bad epochs follow
     states = {}
     real_evaluate = ft.evaluate

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fine_tuning as ft
-from conftest import common_args, run_script, write_cifar10
+from conftest import common_args, run_script
+from fake_cifar10 import write_cifar10
 
 
 @pytest.fixture(scope="module")

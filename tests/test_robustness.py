@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from torchvision import models
 
 import fine_tuning as ft
 from conftest import common_args, load_model_state, run_script, start_script
+from fake_cifar10 import write_cifar10
+from helpers import small_setup, use_synthetic_data
 
 
 def assert_clean_failure(result, code, *phrases):
@@ -48,7 +49,6 @@ def test_truncated_cifar10_file_names_the_folder_to_delete_and_does_not_download
 
 def test_unreadable_cifar10_pickle_is_reported_as_corrupted(monkeypatch, tmp_path):
     from torchvision import datasets
-    from conftest import write_cifar10
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     # Suppose the md5 check had passed: the pickle error itself must still read as "corrupted".
@@ -183,7 +183,7 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, capsys):
 
 
 def test_resume_of_a_finished_run_has_nothing_to_do(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     args = ["--weights", "none", "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "done"]
     assert ft.main(args) == 0
     before = (tmp_path / "done" / "last.pt").read_bytes()
@@ -236,7 +236,7 @@ def test_gpu_out_of_memory_suggests_smaller_batch_or_image(error, monkeypatch, t
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     monkeypatch.setattr(ft, "train_one_epoch", out_of_memory)
     assert ft.main(["--weights", "none", "--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -244,14 +244,13 @@ def test_gpu_out_of_memory_suggests_smaller_batch_or_image(error, monkeypatch, t
 
 
 def test_other_runtime_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     monkeypatch.setattr(ft, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         ft.main(["--weights", "none", "--output-dir", str(tmp_path)])
 
 
 def test_nan_is_reported_at_the_exact_batch_even_between_device_syncs(monkeypatch):
-    from helpers import small_setup
     setup = small_setup(n_train=400)        # 22 batches of 16: all inside one SYNC_EVERY window
     calls = {"n": 0}
     forward = setup.model.forward
@@ -269,7 +268,7 @@ def test_nan_is_reported_at_the_exact_batch_even_between_device_syncs(monkeypatc
 
 
 def test_ctrl_c_in_the_first_epoch_exits_130_and_says_there_is_nothing_to_resume(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train=200, n_test=40))
+    use_synthetic_data(monkeypatch)
     real_inputs = ft.Hardware.inputs
 
     def press_ctrl_c_on_batch_2(self, images, augment_with=None):
