@@ -144,6 +144,22 @@ def test_ctrl_c_keeps_checkpoint_and_history_tests_the_best_model_and_exits_130(
     assert not list(run_dir.glob("*.tmp"))
 
 
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(cifar_root, torch_home, tmp_path):
+    process = start_script(common_args(cifar_root, tmp_path / "runs", "--epochs", "6", "--run-name", "twice"),
+                           torch_home, cifar_root / "md5.json")
+    for line in process.stdout:
+        if line.strip().startswith("1 ") and "%" in line:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert load_model_state(tmp_path / "runs" / "twice" / "best.pt")["fc.weight"].shape == (10, 512)
+    assert not list((tmp_path / "runs" / "twice").glob("*.tmp"))
+
+
 def test_resume_reaches_exactly_the_weights_of_an_uninterrupted_run(cifar_root, torch_home, tmp_path):
     md5 = cifar_root / "md5.json"
     schedule = ["--epochs", "4", "--patience", "9", "--unfreeze-schedule", "3:layer2"]
