@@ -58,15 +58,21 @@ from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from torchvision import datasets, models
-from torchvision.datasets.utils import check_integrity
-from tqdm import tqdm
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchvision import datasets, models
+    from torchvision.datasets.utils import check_integrity
+    from tqdm import tqdm
+except ImportError as missing:
+    sys.exit(f"error: {missing.name or missing} is not installed. Run: pip install -r requirements.txt")
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
+    sys.exit(f"error: this script needs torch >= 2.5 (found {torch.__version__}). "
+             "Run: pip install -r requirements.txt")
 
 SETTINGS = ["DATA_DIR", "SEED", "VAL_FRACTION", "IMAGE_SIZE", "WEIGHTS", "FREEZE_UNTIL",
             "UNFREEZE_SCHEDULE", "BATCH_SIZE", "EPOCHS", "BACKBONE_LR", "HEAD_LR", "MONITOR",
@@ -275,8 +281,8 @@ def safe_load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise RunError(f"refused to load {path}: it holds more than tensors and plain containers, and "
-                       f"unpickling it fully could run code. Only use files you trust. "
-                       f"({error_summary(error)})") from None
+                       f"unpickling it fully could run code. Only use files you trust; to save weights "
+                       f"yourself, save model.state_dict(), not the model. ({error_summary(error)})") from None
     except Exception as error:   # truncated, empty, or not a PyTorch file at all
         raise RunError(f"could not read {path}: not a PyTorch file, or truncated or corrupted "
                        f"({error_summary(error)})") from None

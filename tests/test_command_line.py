@@ -152,3 +152,12 @@ def test_bad_setting_through_the_real_script_has_no_traceback():
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: BATCH_SIZE (--batch-size) = '0' is not allowed: "
                                      "expected a whole number >= 1")
+
+
+@pytest.mark.parametrize("module", ["tqdm", "torchvision"])
+def test_a_missing_package_says_how_to_install_it(module):
+    code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['fine_tuning.py', '--dry-run']; "
+            f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {module} is not installed. Run: pip install -r requirements.txt"
