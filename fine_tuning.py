@@ -12,6 +12,11 @@ is the code it walks through, in the same order:
 
 Comments come in two registers: `##` lines teach, `#` lines explain the code.
 `sed '/^ *## /d;/^ *##$/d' fine_tuning.py` strips the lesson and leaves the code.
+
+Measured (README "Speed"): on a 2-core CPU at the defaults (32 px, batch 32) training ran at
+790-985 images/s in three runs, 0.93-0.97 of the same model's compute bound, `python tests/benchmark_speed.py`.
+CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the tutorial's author
+expects 85-90% test accuracy (an expectation, not a measurement).
 """
 
 # =============================================================================
@@ -440,9 +445,12 @@ class Diverged(Exception):
         self.epoch, self.batch = epoch, batch
 
 
+## One training step: forward pass, loss, clear last step's gradients,
+## backward pass (gradients reach only the trainable blocks), optimizer
+## update (each parameter group with its own learning rate).
 def train_one_epoch(model, loader, optimizer, hw, augment_with, epoch, max_batches=None):
     """One pass over the training split. Returns (mean loss, accuracy, finished: bool)."""
-    set_train_mode(model)
+    set_train_mode(model)   # frozen blocks stay in eval mode
     n_batches = min(len(loader), max_batches or len(loader))
     loss_sum = torch.zeros((), device=hw.device)
     correct = torch.zeros((), dtype=torch.int64, device=hw.device)
@@ -475,6 +483,8 @@ def train_one_epoch(model, loader, optimizer, hw, augment_with, epoch, max_batch
     return loss_sum.item() / seen, correct.item() / seen, batch == n_batches
 
 
+## Evaluation puts every layer in eval mode: BatchNorm uses its running
+## statistics, so a prediction never depends on the other images in the batch.
 @torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad, and nothing to leak
 def evaluate(model, loader, hw, num_classes=10, desc="val", max_batches=None):
     """Mean loss and the confusion matrix (rows: true class, columns: predicted)."""
@@ -1021,6 +1031,9 @@ def run(options, overrides):
         return 130
 
     # --- test the best epoch's weights ---------------------------------------
+    ## The test set is used once, on the weights that early stopping chose on
+    ## the validation split. Choosing anything by test accuracy would make it a
+    ## second validation set, and the reported figure optimistic.
     try:
         model.load_state_dict(safe_load(run_dir / "best.pt"))
         print(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor}) from "
