@@ -13,9 +13,9 @@ is the code it walks through, in the same order:
 Comments come in two registers: `##` lines teach, `#` lines explain the code.
 `sed '/^ *## /d;/^ *##$/d' fine_tuning.py` strips the lesson and leaves the code.
 
-Measured (README "Speed"): on a 2-core CPU at the defaults (32 px, batch 32) training ran at
-790-985 images/s in three runs, 0.93-0.97 of the same model's compute bound, `python tests/benchmark_speed.py`.
-CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the tutorial's author
+Measured (README "Speed", `python tests/benchmark_speed.py`): on a 2-core CPU at the defaults
+(32 px, batch 32), training ran at 790-985 images/s in three runs, 0.93-0.97 of the same model's
+compute bound. CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the tutorial's author
 expects 85-90% test accuracy (an expectation, not a measurement).
 """
 
