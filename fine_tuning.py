@@ -15,8 +15,8 @@ Comments come in two registers: `##` lines teach, `#` lines explain the code.
 
 Measured (README "Speed", `python tests/benchmark_speed.py`): on a 2-core CPU at the defaults
 (32 px, batch 32), training ran at 790-985 images/s in three runs, 0.93-0.97 of the same model's
-compute bound. CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the tutorial's author
-expects 85-90% test accuracy (an expectation, not a measurement).
+compute bound. CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the
+tutorial's author expects 85-90% test accuracy (an expectation, not a measurement).
 """
 
 # =============================================================================
@@ -26,24 +26,26 @@ expects 85-90% test accuracy (an expectation, not a measurement).
 # data
 DATA_DIR = "./data"          # CIFAR-10 (about 170 MB) is downloaded here on the first run
 SEED = 0                     # fixes the split, the new head's init, shuffling and augmentation
-VAL_FRACTION = 0.1           # share of the 50,000 training images held out: 45,000 train / 5,000 val
-IMAGE_SIZE = "auto"          # "auto": 224 on CUDA (what ImageNet features expect), 32 elsewhere (CIFAR's own size, CPU-friendly)
+VAL_FRACTION = 0.1           # of the 50,000 training images: 45,000 train / 5,000 validation
+IMAGE_SIZE = "auto"          # "auto": 224 on CUDA (ImageNet's size), 32 elsewhere (CIFAR's, fast)
 # model
-WEIGHTS = "IMAGENET1K_V1"    # torchvision's ImageNet weights; "none" trains from scratch; or a path to a ResNet18 state dict
-FREEZE_UNTIL = "layer2"      # last frozen block: none, stem, layer1, layer2, layer3, layer4 (layer4 = feature extraction)
-UNFREEZE_SCHEDULE = {}       # gradual unfreezing, e.g. {5: "layer2", 10: "layer1"}: unfreeze at the start of those epochs
+WEIGHTS = "IMAGENET1K_V1"    # ImageNet weights; "none" = from scratch; or a state-dict file
+FREEZE_UNTIL = "layer2"      # last frozen block: none, stem, layer1..layer4 (layer4 = feature
+                             # extraction: only the new head trains)
+UNFREEZE_SCHEDULE = {}       # gradual unfreezing: {5: "layer2", 10: "layer1"} releases layer2 at
+                             # the start of epoch 5, layer1 at epoch 10
 # optimizer
-BATCH_SIZE = 32              # images per step; the seed's setting
-EPOCHS = 15                  # upper bound: early stopping usually ends the run sooner
-BACKBONE_LR = 1e-4           # pretrained blocks: small steps keep what ImageNet taught them (try 1e-3 = HEAD_LR)
-HEAD_LR = 1e-3               # the new head starts from random weights, so it learns 10x faster
+BATCH_SIZE = 32              # images per step
+EPOCHS = 15                  # at most; early stopping usually ends the run sooner
+BACKBONE_LR = 1e-4           # pretrained blocks: small steps keep what ImageNet taught them
+HEAD_LR = 1e-3               # the new head starts from random weights: 10x larger steps
 # early stopping
 MONITOR = "val_loss"         # what early stopping watches: "val_loss" or "val_acc"
 PATIENCE = 3                 # epochs without improvement before training stops
-MIN_DELTA = 0.001            # smallest change that counts as improvement (loss units, or accuracy as a fraction)
+MIN_DELTA = 0.001            # smallest change that counts (loss, or accuracy as a fraction)
 # system
-NUM_WORKERS = "auto"         # DataLoader worker processes; "auto" = 0 on CPU (measured fastest), 2 on CUDA
-OUTPUT_DIR = "./runs"        # every run writes OUTPUT_DIR/<run name>/: checkpoints, history, results
+NUM_WORKERS = "auto"         # DataLoader workers: "auto" = 0 on CPU (measured fastest), 2 on CUDA
+OUTPUT_DIR = "./runs"        # each run writes OUTPUT_DIR/<run name>/: checkpoints, history, results
 
 import argparse
 import csv
@@ -846,14 +848,14 @@ def check_settings(raw):
 def print_blocks(model, optimizer):
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
     print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}")
-    trainable = frozen = 0
+    counts = {"trainable": 0, "frozen": 0}
     for name, block in block_modules(model).items():
         count = sum(p.numel() for p in block.parameters())
         status = "trainable" if is_trainable(block) else "frozen"
-        trainable, frozen = (trainable + count, frozen) if status == "trainable" else (trainable, frozen + count)
-        print(f"{name:<8}{status:<11}{count:>12,}{lrs[name]:>9.0e}" if name in lrs
-              else f"{name:<8}{status:<11}{count:>12,}{'-':>9}")
-    print(f"trainable parameters: {trainable:,}   frozen: {frozen:,}\n")
+        counts[status] += count
+        lr = f"{lrs[name]:.0e}" if name in lrs else "-"
+        print(f"{name:<8}{status:<11}{count:>12,}{lr:>9}")
+    print(f"trainable parameters: {counts['trainable']:,}   frozen: {counts['frozen']:,}\n")
 
 
 def epoch_seed(seed, epoch, stream):
