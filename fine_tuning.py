@@ -724,8 +724,8 @@ def bad(name, value, allowed):
     return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
 
 
-def as_int(name, value, minimum, alternative=""):
-    allowed = f"expected {alternative}a whole number >= {minimum}"
+def as_int(name, value, minimum, alternative="", why=""):
+    allowed = f"expected {alternative}a whole number >= {minimum}{why}"
     try:
         number = int(str(value).strip())
     except ValueError:
@@ -828,7 +828,8 @@ def check_settings(raw):
         WEIGHTS=as_weights(raw["WEIGHTS"]),
         FREEZE_UNTIL=freeze_until,
         UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
-        BATCH_SIZE=as_int("BATCH_SIZE", raw["BATCH_SIZE"], 1),
+        BATCH_SIZE=as_int("BATCH_SIZE", raw["BATCH_SIZE"], 2,
+                          why=" (BatchNorm in train mode needs 2 or more images to normalise over)"),
         EPOCHS=epochs,
         BACKBONE_LR=as_float("BACKBONE_LR", raw["BACKBONE_LR"],
                              "expected a positive number, e.g. 1e-4", lambda x: x > 0),
@@ -1093,9 +1094,10 @@ def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, s
         if stop_requested:
             return "interrupted"
         if stopper.should_stop:
-            return (f"early stopping: {cfg.monitor} did not improve by {cfg.min_delta} "
-                    f"for {cfg.patience} epochs")
-    return f"all {cfg.epochs} epochs ran"
+            return (f"early stopping: {cfg.monitor} did not improve on epoch {stopper.best_epoch} "
+                    f"by at least {cfg.min_delta:g} for {stopper.bad_epochs} epoch(s) "
+                    f"(PATIENCE = {cfg.patience})")
+    return f"all epochs ran (EPOCHS = {cfg.epochs})"
 
 
 def finish(cfg, run_dir, history, stopper, classes, test_loss, confusion, reason, started, dry_run):

@@ -76,8 +76,9 @@ BAD = [
     (["--head-lr=-1e-3"], "HEAD_LR", "positive number"),
     (["--head-lr", "fast"], "HEAD_LR (--head-lr) = 'fast'", "positive number"),
     (["--backbone-lr", "nan"], "BACKBONE_LR", "positive number"),
-    (["--batch-size", "0"], "BATCH_SIZE (--batch-size) = '0'", "whole number >= 1"),
-    (["--batch-size", "3.5"], "BATCH_SIZE", "whole number >= 1"),
+    (["--batch-size", "0"], "BATCH_SIZE (--batch-size) = '0'", "whole number >= 2"),
+    (["--batch-size", "1"], "BATCH_SIZE (--batch-size) = '1'", "BatchNorm in train mode needs 2 or more"),
+    (["--batch-size", "3.5"], "BATCH_SIZE", "whole number >= 2"),
     (["--epochs", "0"], "EPOCHS (--epochs) = '0'", "whole number >= 1"),
     (["--patience", "-1"], "PATIENCE", "whole number >= 0"),
     (["--min-delta", "-0.1"], "MIN_DELTA", "number >= 0"),
@@ -150,8 +151,8 @@ def test_bad_setting_through_the_real_script_has_no_traceback():
     result = subprocess.run([sys.executable, str(ROOT / "fine_tuning.py"), "--batch-size", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: BATCH_SIZE (--batch-size) = '0' is not allowed: "
-                                     "expected a whole number >= 1")
+    assert result.stderr.strip() == ("error: BATCH_SIZE (--batch-size) = '0' is not allowed: expected a whole "
+                                     "number >= 2 (BatchNorm in train mode needs 2 or more images to normalise over)")
 
 
 @pytest.mark.parametrize("module", ["tqdm", "torchvision"])

@@ -65,7 +65,8 @@ def test_run_stops_early_and_tests_the_best_epochs_weights(monkeypatch, tmp_path
                     "--patience", "3", "--output-dir", str(tmp_path), "--run-name", "es"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "stopped: early stopping: val_loss did not improve by 0.001 for 3 epochs" in out
+    assert ("stopped: early stopping: val_loss did not improve on epoch 2 by at least 0.001 "
+            "for 3 epoch(s) (PATIENCE = 3)") in out
     assert sorted(k for k in states if k != "tested") == [1, 2, 3, 4, 5]    # epochs 6 and 7 never ran
     best = load_model_state(tmp_path / "es" / "best.pt")
     for name, value in states[2].items():

@@ -39,7 +39,7 @@ def test_dry_run_works_offline_with_synthetic_data(torch_home, tmp_path):
     result = run_script(["--dry-run", "--output-dir", tmp_path / "runs"], torch_home)
     assert result.returncode == 0, result.stderr
     assert "dry run: synthetic data, random weights" in result.stdout
-    assert "stopped: all 2 epochs ran" in result.stdout
+    assert "stopped: all epochs ran (EPOCHS = 2)" in result.stdout
     run_dir = next((tmp_path / "runs").iterdir())
     for name in ["config.json", "history.csv", "best.pt", "last.pt", "results.json"]:
         assert (run_dir / name).is_file(), name

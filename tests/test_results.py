@@ -50,7 +50,7 @@ def test_results_json_per_class_accuracy_agrees_with_the_confusion_matrix(two_ru
         assert results["per_class_acc"][name] == pytest.approx(confusion[c, c].item() / confusion[c].sum().item())
     assert results["test_acc"] == pytest.approx(confusion.trace().item() / 50)
     assert results["epochs_run"] == 2 and results["best_epoch"] in (1, 2)
-    assert results["stop_reason"] == "all 2 epochs ran" and results["wall_time_s"] > 0
+    assert results["stop_reason"] == "all epochs ran (EPOCHS = 2)" and results["wall_time_s"] > 0
     assert "confusion matrix (rows: true class, columns: predicted)" in first.stdout
     report = first.stdout[first.stdout.index("test loss"):first.stdout.index("runs so far")]
     assert all(len(line) <= 80 for line in report.splitlines()), report
