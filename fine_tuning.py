@@ -672,7 +672,7 @@ HELP = {
     "DATA_DIR": "folder that holds (or receives) cifar-10-batches-py",
     "SEED": "random seed for the split, the head's init, shuffling and augmentation",
     "VAL_FRACTION": "fraction of the training images held out for validation, in (0, 1)",
-    "IMAGE_SIZE": "'auto' (224 on CUDA, 32 elsewhere) or a size in pixels >= 32",
+    "IMAGE_SIZE": "'auto' (224 on CUDA, 32 elsewhere) or a size in pixels from 32 to 512",
     "WEIGHTS": "IMAGENET1K_V1, none (random init), or a path to a ResNet18 state dict",
     "FREEZE_UNTIL": "last frozen block: none, stem, layer1, layer2, layer3, layer4",
     "UNFREEZE_SCHEDULE": "gradual unfreezing as EPOCH:BLOCK,... e.g. '5:layer2,10:layer1'",
@@ -724,13 +724,15 @@ def bad(name, value, allowed):
     return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
 
 
-def as_int(name, value, minimum, alternative="", why=""):
+def as_int(name, value, minimum, alternative="", why="", maximum=None):
     allowed = f"expected {alternative}a whole number >= {minimum}{why}"
+    if maximum is not None:
+        allowed = f"expected {alternative}a whole number from {minimum} to {maximum}{why}"
     try:
         number = int(str(value).strip())
     except ValueError:
         raise bad(name, value, allowed) from None
-    if number < minimum:
+    if number < minimum or (maximum is not None and number > maximum):
         raise bad(name, value, allowed)
     return number
 
@@ -771,7 +773,7 @@ def as_weights(value):
     if path.is_file():
         return str(path)
     if path.exists():
-        raise bad("WEIGHTS", text, "it is a folder; give a state-dict file")
+        raise bad("WEIGHTS", text, "it is not a regular file; give a state-dict file")
     if os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise bad("WEIGHTS", text, "no such file")
     raise bad("WEIGHTS", text, "use IMAGENET1K_V1, none, or the path of a ResNet18 state-dict file")
@@ -821,10 +823,12 @@ def check_settings(raw):
     workers = str(raw["NUM_WORKERS"]).strip().lower()
     return dict(
         DATA_DIR=as_folder("DATA_DIR", raw["DATA_DIR"]),
-        SEED=as_int("SEED", raw["SEED"], 0),
+        SEED=as_int("SEED", raw["SEED"], 0, maximum=2**32 - 1),
         VAL_FRACTION=as_float("VAL_FRACTION", raw["VAL_FRACTION"],
                               "expected a number strictly between 0 and 1, e.g. 0.1", lambda x: 0 < x < 1),
-        IMAGE_SIZE="auto" if image_size == "auto" else as_int("IMAGE_SIZE", image_size, 32, "auto or "),
+        IMAGE_SIZE="auto" if image_size == "auto" else as_int(
+            "IMAGE_SIZE", image_size, 32, "auto or ", maximum=512,
+            why=" (CIFAR's images have 32 pixels; ImageNet features expect about 224)"),
         WEIGHTS=as_weights(raw["WEIGHTS"]),
         FREEZE_UNTIL=freeze_until,
         UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
