@@ -1010,7 +1010,11 @@ def run(options, overrides):
 
     # --- the run folder, or the state of the run we resume -------------------
     if resumed:
-        history, start_epoch = restore(resumed, model, optimizer, hw, stopper, cfg)
+        try:
+            history, start_epoch = restore(resumed, model, optimizer, hw, stopper, cfg)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise RunError(f"{run_dir / 'last.pt'} does not fit the settings in {run_dir / 'config.json'} "
+                           f"(were they edited?): {error_summary(error)}") from None
         started -= sum(row["seconds"] for row in history)   # count the epochs already run
         if start_epoch > cfg.epochs or stopper.should_stop:
             results = run_dir / "results.json"

@@ -198,6 +198,20 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, capsys):
     assert "no completed epoch" in capsys.readouterr().err
 
 
+def test_resume_with_a_checkpoint_that_does_not_fit_the_settings_is_refused(monkeypatch, tmp_path, capsys):
+    use_synthetic_data(monkeypatch)
+    assert ft.main(["--weights", "none", "--epochs", "3", "--output-dir", str(tmp_path), "--run-name", "r"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["settings"]["FREEZE_UNTIL"] = "layer4"                  # edited by hand after the run
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    state["epoch"] = 1
+    torch.save(state, tmp_path / "r" / "last.pt")
+    assert ft.main(["--resume", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit the settings" in err and "Traceback" not in err
+
+
 def test_resume_of_a_finished_run_has_nothing_to_do(monkeypatch, tmp_path, capsys):
     use_synthetic_data(monkeypatch)
     args = ["--weights", "none", "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "done"]
