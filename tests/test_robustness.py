@@ -144,6 +144,24 @@ def test_ctrl_c_keeps_checkpoint_and_history_tests_the_best_model_and_exits_130(
     assert not list(run_dir.glob("*.tmp"))
 
 
+def test_ctrl_c_at_a_terminal_with_dataloader_workers_still_stops_cleanly(cifar_root, torch_home, tmp_path):
+    # A terminal sends Ctrl-C to the whole process group, DataLoader workers included; the workers
+    # ignore it (ignore_ctrl_c), so the main process alone finishes the batch and stops.
+    import subprocess
+    from conftest import LAUNCHER, script_env
+    args = common_args(cifar_root, tmp_path / "runs", "--epochs", "6", "--num-workers", "2", "--run-name", "group")
+    process = subprocess.Popen(LAUNCHER + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=script_env(torch_home, cifar_root / "md5.json"), start_new_session=True)
+    for line in process.stdout:
+        if line.strip().startswith("1 ") and "%" in line:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in err and "test accuracy" in out
+    assert "DataLoader worker" not in err
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(cifar_root, torch_home, tmp_path):
     process = start_script(common_args(cifar_root, tmp_path / "runs", "--epochs", "6", "--run-name", "twice"),
                            torch_home, cifar_root / "md5.json")
