@@ -403,6 +403,11 @@ def param_groups(model, backbone_lr, head_lr):
             for name, block in block_modules(model).items() if is_trainable(block)]
 
 
+def group_lrs(optimizer):
+    """{block name: learning rate} of the optimizer's parameter groups."""
+    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
 def make_optimizer(groups, device):
     # fused=True runs Adam's update as one kernel: measured about 18 ms -> 5 ms per step on a 2-core CPU.
     return torch.optim.Adam(groups, fused=device.type in ("cuda", "cpu"))
@@ -851,7 +856,7 @@ def check_settings(raw):
 # =============================================================================
 
 def print_blocks(model, optimizer):
-    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    lrs = group_lrs(optimizer)
     print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}")
     counts = {"trainable": 0, "frozen": 0}
     for name, block in block_modules(model).items():
@@ -978,19 +983,19 @@ def run(options, overrides):
     max_batches = DRY_RUN_BATCHES if dry_run else None
     if not resumed:
         run_dir = new_run_dir(cfg, options.run_name, dry_run)
+    ## Normalise inputs the way the pretrained weights saw ImageNet during
+    ## their training. For --weights none we keep the same numbers, so a
+    ## comparison changes one thing only.
+    preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    hw = Hardware(device, cfg.image_size, preset.mean, preset.std)
     print(f"device: {device}   image size: {cfg.image_size}px   precision: "
-          f"{str(choose_precision(device) or torch.float32).replace('torch.', '')}"
+          f"{str(hw.amp_dtype or torch.float32).replace('torch.', '')}"
           f"{'   (dry run: synthetic data, random weights)' if dry_run else ''}")
 
     # --- model (the weights file is checked before any data is downloaded) ---
     print(f"model: ResNet18, weights {cfg.weights}, new 10-class head")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.weights)
-    ## Normalise inputs the way the pretrained weights saw ImageNet during
-    ## their training. For --weights none we keep the same numbers, so a
-    ## comparison changes one thing only.
-    preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
-    hw = Hardware(device, cfg.image_size, preset.mean, preset.std)
 
     # --- data ----------------------------------------------------------------
     if not dry_run:
@@ -1025,6 +1030,7 @@ def run(options, overrides):
     else:
         run_dir.mkdir(parents=True)
         write_config(run_dir, settings, cfg, dry_run, hw)
+        save_history(history, run_dir)   # header only; fit() rewrites it after every epoch
     print_blocks(model, optimizer)
 
     # --- train with early stopping -------------------------------------------
@@ -1034,7 +1040,6 @@ def run(options, overrides):
                      start_epoch, run_dir, max_batches)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    save_history(history, run_dir)
     print(f"\nstopped: {reason}")
     resume_hint = f"resume with: python fine_tuning.py --resume {run_dir}"
     if stopper.best_epoch is None:   # interrupted during the first epoch
@@ -1075,8 +1080,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, s
         try:
             train_loss, train_acc, finished = train_one_epoch(
                 model, train_loader, optimizer, hw, augment_with, epoch, max_batches)
-        except Diverged as where:
-            save_history(history, run_dir)
+        except Diverged as where:   # history.csv already holds every completed epoch
             kept = (f"The best checkpoint so far (epoch {stopper.best_epoch}) is kept in "
                     f"{run_dir / 'best.pt'}." if stopper.best_epoch else "")
             raise RunError(f"training diverged: the loss became nan or inf at {where}. Try a lower "
@@ -1088,7 +1092,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, s
         improved = stopper.step(val_loss if cfg.monitor == "val_loss" else val_acc, epoch)
         if improved:
             save_torch(model.state_dict(), run_dir / "best.pt")
-        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        lrs = group_lrs(optimizer)
         history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, **{f"lr_{name}": lr for name, lr in lrs.items()},
                             trainable=" ".join(lrs), seconds=round(time.perf_counter() - started, 2)))
