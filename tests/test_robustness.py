@@ -114,17 +114,23 @@ def test_a_copied_imagenet_file_given_by_path_is_used(torch_home):
 
 # --- Ctrl-C, resume, atomic files ---------------------------------------------
 
-def interrupt_after_first_epoch(args, torch_home, md5):
-    process = start_script(args, torch_home, md5)
+def read_until_first_epoch_row(process):
+    """Read the script's output until the first epoch's row; return what was read."""
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.strip().startswith("1 ") and "%" in line:    # the first epoch's row
-            time.sleep(0.2)
-            process.send_signal(signal.SIGINT)
+        if line.strip().startswith("1 ") and "%" in line:
             break
+    return "".join(lines)
+
+
+def interrupt_after_first_epoch(args, torch_home, md5):
+    process = start_script(args, torch_home, md5)
+    head = read_until_first_epoch_row(process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
-    return process.returncode, "".join(lines) + out, err
+    return process.returncode, head + out, err
 
 
 def test_ctrl_c_keeps_checkpoint_and_history_tests_the_best_model_and_exits_130(cifar_root, torch_home, tmp_path):
@@ -152,10 +158,8 @@ def test_ctrl_c_at_a_terminal_with_dataloader_workers_still_stops_cleanly(cifar_
     args = common_args(cifar_root, tmp_path / "runs", "--epochs", "6", "--num-workers", "2", "--run-name", "group")
     process = subprocess.Popen(LAUNCHER + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=script_env(torch_home, cifar_root / "md5.json"), start_new_session=True)
-    for line in process.stdout:
-        if line.strip().startswith("1 ") and "%" in line:
-            os.killpg(process.pid, signal.SIGINT)
-            break
+    read_until_first_epoch_row(process)
+    os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, out + err
     assert "Traceback" not in err and "test accuracy" in out
@@ -165,12 +169,10 @@ def test_ctrl_c_at_a_terminal_with_dataloader_workers_still_stops_cleanly(cifar_
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(cifar_root, torch_home, tmp_path):
     process = start_script(common_args(cifar_root, tmp_path / "runs", "--epochs", "6", "--run-name", "twice"),
                            torch_home, cifar_root / "md5.json")
-    for line in process.stdout:
-        if line.strip().startswith("1 ") and "%" in line:
-            process.send_signal(signal.SIGINT)
-            time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            break
+    read_until_first_epoch_row(process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, out + err
     assert "Traceback" not in out + err
