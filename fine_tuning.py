@@ -1,32 +1,23 @@
-"""Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10.
+"""Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10 (Example 2 of the transfer-learning series).
 
-Example 2 of the transfer-learning series. README.md is the lesson; this file
-is the code it walks through, in the same order:
+README.md is the lesson and this file its code, in the same order: settings, data, model and new head,
+freezing, learning rates, the training step, evaluation, early stopping, then main(), the story of a
+run. On a first read, stop at the banner "The lesson ends here" and go on with the README's sections.
 
-    settings -> data -> model -> freezing -> learning rates -> training
-    -> early stopping -> results
-
-    python fine_tuning.py                        # 15 epochs (downloads CIFAR-10 and the weights)
-    python fine_tuning.py --dry-run              # seconds, offline: checks your install
-    python fine_tuning.py --freeze-until layer4  # override any constant below; --help lists them
+    python fine_tuning.py                        # the real run: downloads CIFAR-10 and the weights
+    python fine_tuning.py --dry-run              # offline, in seconds: synthetic data, random weights
+    python fine_tuning.py --freeze-until layer4  # any constant below as a flag; --help lists them
 
 Comments come in two registers: `##` lines teach, `#` lines explain the code.
 `sed '/^ *## /d;/^ *##$/d' fine_tuning.py` strips the lesson and leaves the code.
-
-Measured (README "Speed", `python tests/benchmark_speed.py`): on a 2-core CPU at the defaults
-(32 px, batch 32), training ran at 790-985 images/s in three runs, 0.93-0.97 of the same model's
-compute bound. CIFAR-10 accuracy with the ImageNet weights has not been measured yet; the
-tutorial's author expects 85-90% test accuracy (an expectation, not a measurement).
 """
 
-# =============================================================================
-# Settings: the one place to edit. Every constant can also be set on the
-# command line, named after it: EPOCHS -> --epochs 3, FREEZE_UNTIL -> --freeze-until.
-# =============================================================================
+# === Settings: the one place to edit. Each is also a flag: EPOCHS -> --epochs 3 ========================
 # data
 DATA_DIR = "./data"          # CIFAR-10 (about 170 MB) is downloaded here on the first run
 SEED = 0                     # fixes the split, the new head's init, shuffling and augmentation
 VAL_FRACTION = 0.1           # of the 50,000 training images: 45,000 train / 5,000 validation
+TRAIN_PER_CLASS = "all"      # "all", or keep N training images per class: try 100 (little data)
 IMAGE_SIZE = "auto"          # "auto": 224 on CUDA (ImageNet's size), 32 elsewhere (CIFAR's, fast)
 # model
 WEIGHTS = "IMAGENET1K_V1"    # ImageNet weights; "none" = from scratch; or a state-dict file
@@ -37,7 +28,9 @@ UNFREEZE_SCHEDULE = {}       # gradual unfreezing: {5: "layer2", 10: "layer1"} r
 # optimizer
 BATCH_SIZE = 32              # images per step
 EPOCHS = 15                  # at most; early stopping usually ends the run sooner
-BACKBONE_LR = 1e-4           # pretrained blocks: small steps keep what ImageNet taught them
+BACKBONE_LR = 1e-4           # layer4's learning rate: small steps keep what ImageNet taught
+LAYER_LR_DECAY = 1.0         # each block below layer4 learns at this times the rate above it
+                             # (1.0: every pretrained block at BACKBONE_LR; try 0.5)
 HEAD_LR = 1e-3               # the new head starts from random weights: 10x larger steps
 # early stopping
 MONITOR = "val_loss"         # what early stopping watches: "val_loss" or "val_acc"
@@ -48,120 +41,76 @@ NUM_WORKERS = "auto"         # DataLoader workers: "auto" = 0 on CPU (measured f
 OUTPUT_DIR = "./runs"        # each run writes OUTPUT_DIR/<run name>/: checkpoints, history, results
 
 import argparse
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import pickle
-import platform
+import re
 import signal
 import sys
-import tarfile
 import time
 import urllib.error
-from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
-try:
+try:   # the light packages first, so that a missing one is reported at once
     import numpy as np
+    from tqdm import tqdm
     import torch
     import torch.nn.functional as F
     import torchvision
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
     from torchvision.datasets.utils import check_integrity
-    from tqdm import tqdm
 except ImportError as missing:
     sys.exit(f"error: {missing.name or missing} is not installed. Run: pip install -r requirements.txt")
-if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
-    sys.exit(f"error: this script needs torch >= 2.5 (found {torch.__version__}). "
-             "Run: pip install -r requirements.txt")
+if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) < (2, 5):
+    sys.exit(f"error: this script needs torch >= 2.5 (found {torch.__version__}). Run: pip install -r requirements.txt")
 
-SETTINGS = ["DATA_DIR", "SEED", "VAL_FRACTION", "IMAGE_SIZE", "WEIGHTS", "FREEZE_UNTIL",
-            "UNFREEZE_SCHEDULE", "BATCH_SIZE", "EPOCHS", "BACKBONE_LR", "HEAD_LR", "MONITOR",
-            "PATIENCE", "MIN_DELTA", "NUM_WORKERS", "OUTPUT_DIR"]
 BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]   # ResNet18, input to output
-DRY_RUN_BATCHES = 4          # --dry-run: batches per phase (train, validation, test)
-SYNC_EVERY = 25              # read the loss back from the device every N batches (see train_one_epoch)
+NUM_CLASSES = 10
 
 
-class SettingError(Exception):
-    """A bad setting. Reported in one line, exit code 2."""
-
-
-class RunError(Exception):
-    """Something outside the code went wrong (download, files, divergence). Exit code 1."""
-
-
-# =============================================================================
-# Data: CIFAR-10, a stratified validation split, augmentation on the device
-# =============================================================================
+# === Data: CIFAR-10, a stratified validation split, augmentation on the device =========================
 ## CIFAR-10 has 50,000 training and 10,000 test images of 32x32 pixels in 10
 ## classes. The test set is touched once, at the very end. To choose the best
 ## epoch and to stop early we need a third set: a validation split held out
 ## from the training images. "Stratified" means every class is split in the
 ## same proportion, so validation accuracy is not skewed by chance.
 
-def cifar10_intact(folder):
-    files = datasets.CIFAR10.train_list + datasets.CIFAR10.test_list
-    files = files + [[datasets.CIFAR10.meta["filename"], datasets.CIFAR10.meta["md5"]]]
-    return all(check_integrity(os.path.join(folder, name), md5) for name, md5 in files)
+def load_data(cfg, hw):
+    """Train, validation and test loaders over uint8 images held in memory, and the class names."""
+    (images, labels), (test_images, test_labels), classes = (
+        synthetic_cifar10(cfg.seed) if cfg.dry_run else load_cifar10(cfg.data_dir))
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class)
+    check_split_sizes(cfg, labels, train_idx, val_idx)   # as on CIFAR-10's known size, before any download
+    available = len(labels) - len(val_idx)
+    kept = f" (kept {cfg.train_per_class} per class, of {available:,})" if len(train_idx) < available else ""
+    print(f"data: {len(train_idx):,} train{kept} / {len(val_idx):,} validation / {len(test_labels):,} test "
+          f"images, {len(classes)} classes")
+    common = dict(num_workers=hw.num_workers, pin_memory=hw.device.type == "cuda",   # pinned: async copies
+                  persistent_workers=hw.num_workers > 0, worker_init_fn=ignore_stop_signals)
+    ## The training set is shuffled by a generator of its own, which
+    ## train_one_epoch() reseeds every epoch. drop_last avoids a last batch of
+    ## one image, which BatchNorm cannot normalise in train mode.
+    train_set = TensorDataset(images[train_idx], labels[train_idx])
+    train_loader = DataLoader(train_set, cfg.batch_size, sampler=RandomSampler(train_set, generator=torch.Generator()),
+                              drop_last=True, generator=torch.Generator(), **common)   # workers' seeds: another one
+    ## No gradients are kept during evaluation, so twice the batch fits in the same memory.
+    val_loader = DataLoader(TensorDataset(images[val_idx], labels[val_idx]), 2 * cfg.batch_size, **common)
+    test_loader = DataLoader(TensorDataset(test_images, test_labels), 2 * cfg.batch_size, **common)
+    return train_loader, val_loader, test_loader, classes
 
 
-def download_help(what, url, error, manual):
-    return (f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n"
-            f"  On a machine without internet, download it elsewhere and {manual}\n"
-            f"  `python fine_tuning.py --dry-run` works offline to check the rest of your setup.")
-
-
-def load_cifar10(data_dir):
-    """CIFAR-10 as uint8 tensors (N, 3, 32, 32) with int64 labels, plus the class names."""
-    folder = Path(data_dir) / datasets.CIFAR10.base_folder
-    archive = Path(data_dir) / datasets.CIFAR10.filename
-    delete = " and ".join(str(p) for p in (folder, archive) if p.exists()) or str(folder)
-    corrupted = (f"the CIFAR-10 files in {folder} are incomplete or corrupted (they fail torchvision's "
-                 f"md5 check).\n  Delete {delete} and run again to download a fresh copy.")
-    # A damaged copy is reported, not silently re-downloaded on every run.
-    if folder.exists() and not cifar10_intact(folder):
-        raise RunError(corrupted)
-    try:
-        train = datasets.CIFAR10(data_dir, train=True, download=True)
-        test = datasets.CIFAR10(data_dir, train=False, download=True)
-    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
-        raise RunError(download_help(
-            "CIFAR-10", datasets.CIFAR10.url, error,
-            f"put {archive.name} in {data_dir},\n  or extract it so that {folder} holds the "
-            "data_batch_* files.")) from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, tarfile.TarError):
-        raise RunError(corrupted) from None
-
-    def tensors(split):
-        images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
-        return images, torch.tensor(split.targets, dtype=torch.int64)
-
-    return tensors(train), tensors(test), list(train.classes)
-
-
-def synthetic_cifar10(seed, n_train=500, n_test=200):
-    """CIFAR-shaped random images for --dry-run. Each class has its own tint, so there is something to learn."""
-    generator = torch.Generator().manual_seed(seed)
-    tints = torch.randint(0, 256, (10, 3, 1, 1), generator=generator).float()
-
-    def split(n):
-        labels = torch.arange(n) % 10
-        noise = torch.randint(0, 256, (n, 3, 32, 32), generator=generator).float()
-        return (0.5 * tints[labels] + 0.5 * noise).to(torch.uint8), labels
-
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return split(n_train), split(n_test), names   # CIFAR-10's class names, for realistic output
-
-
-def stratified_split(labels, val_fraction, seed):
-    """Indices (train, val): each class contributes round(val_fraction * its size) to validation."""
+def stratified_split(labels, val_fraction, seed, train_per_class="all"):
+    """Indices (train, val): each class gives round(val_fraction * its size) images to validation,
+    and the rest, or a random `train_per_class` of them, to training."""
     generator = torch.Generator().manual_seed(seed)
     train_parts, val_parts = [], []
     for label in labels.unique():
@@ -169,36 +118,8 @@ def stratified_split(labels, val_fraction, seed):
         members = members[torch.randperm(len(members), generator=generator)]
         n_val = round(len(members) * val_fraction)
         val_parts.append(members[:n_val])
-        train_parts.append(members[n_val:])
+        train_parts.append(members[n_val:] if train_per_class == "all" else members[n_val:n_val + train_per_class])
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
-
-
-def make_loaders(train_data, test_data, cfg, device):
-    """Train, validation and test DataLoaders over uint8 tensors held in memory."""
-    (images, labels), (test_images, test_labels) = train_data, test_data
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0 or len(train_idx) == 0:
-        raise bad("VAL_FRACTION", cfg.val_fraction, f"it leaves {len(train_idx)} training and "
-                  f"{len(val_idx)} validation images out of {len(labels)}; both must be non-empty")
-    if cfg.batch_size > len(train_idx):
-        raise bad("BATCH_SIZE", cfg.batch_size, f"the training split has only {len(train_idx)} images")
-    workers = cfg.num_workers
-    if workers == "auto":
-        ## Measured on a 2-core CPU: workers only compete with training for the
-        ## same cores, and indexing in-memory tensors costs microseconds anyway.
-        ## On CUDA the CPU is otherwise idle, so two workers prepare batches ahead.
-        workers = 2 if device.type == "cuda" else 0
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda",   # pinned: async copies
-                  persistent_workers=workers > 0, worker_init_fn=ignore_ctrl_c if workers else None)
-    ## The training loader shuffles with its own generator, reseeded every
-    ## epoch from (SEED, epoch); workers are seeded from it too. drop_last
-    ## avoids a final batch of 1, which BatchNorm cannot normalise in train mode.
-    train_loader = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), cfg.batch_size,
-                              shuffle=True, drop_last=True, generator=torch.Generator(), **common)
-    ## No gradients are kept during evaluation, so twice the batch fits in the same memory.
-    val_loader = DataLoader(TensorDataset(images[val_idx], labels[val_idx]), 2 * cfg.batch_size, **common)
-    test_loader = DataLoader(TensorDataset(test_images, test_labels), 2 * cfg.batch_size, **common)
-    return train_loader, val_loader, test_loader
 
 
 ## Augmentation: a random 32x32 crop from the image padded by 4 pixels, and a
@@ -207,150 +128,49 @@ def make_loaders(train_data, test_data, cfg, device):
 ## Validation and test images are never augmented.
 def random_crop_flip(images, generator, padding=4):
     n, channels, height, width = images.shape
-    padded = F.pad(images, (padding,) * 4)                 # zero (black) border, as torchvision's RandomCrop
+    on = images.device
+    padded = F.pad(images, (padding,) * 4)   # zero (black) border, as torchvision's RandomCrop
     # Drawn where the generator lives (on CUDA: the GPU, so no copy makes the CPU wait).
     draw = dict(generator=generator, device=generator.device)
-    top = torch.randint(0, 2 * padding + 1, (n, 1), **draw).to(images.device, non_blocking=True)
-    left = torch.randint(0, 2 * padding + 1, (n, 1), **draw).to(images.device, non_blocking=True)
-    flip = (torch.rand(n, 1, **draw) < 0.5).to(images.device, non_blocking=True)
-    rows = top + torch.arange(height, device=images.device)            # (n, height)
-    cols = left + torch.arange(width, device=images.device)            # (n, width)
-    cols = torch.where(flip, cols.flip(1), cols)          # a flip reads the columns right to left
-    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-    channel = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
-    return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
+    top, left = torch.randint(0, 2 * padding + 1, (2, n, 1), **draw).to(on, non_blocking=True)
+    flip = (torch.rand(n, 1, **draw) < 0.5).to(on, non_blocking=True)
+    rows = top + torch.arange(height, device=on)                  # (n, height): the rows each crop reads
+    cols = left + torch.arange(width, device=on)
+    cols = torch.where(flip, cols.flip(1), cols)                  # a flip reads the columns right to left
+    return padded[torch.arange(n, device=on).view(n, 1, 1, 1), torch.arange(channels, device=on).view(1, -1, 1, 1),
+                  rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
 
 
-class Hardware:
-    """Everything that depends on the device: precision, memory layout, and model inputs."""
-
-    def __init__(self, device, image_size, mean, std):
-        self.device = device
-        self.image_size = image_size
-        self.amp_dtype = choose_precision(device)
-        ## fp16 has a narrow range: small gradients underflow to zero unless the
-        ## loss is scaled up first. bf16 has fp32's range and needs no scaler.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        # NHWC lets cuDNN use tensor-core kernels for convolutions; on the CPU it measured slower.
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def inputs(self, images, augment_with=None):
-        """uint8 batch -> normalised float batch at image_size, on the device."""
-        images = images.to(self.device, non_blocking=True)   # non-blocking: overlaps with GPU work
-        if augment_with is not None:
-            images = random_crop_flip(images, augment_with)
-        x = (images.float() - self.mean) / self.std
-        if x.shape[-1] != self.image_size:
-            # Upsampling whole batches on the device: resizing 32 -> 224 in PIL would starve the GPU.
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return x.contiguous(memory_format=self.memory_format)
+## The pretrained weights expect inputs normalised with ImageNet's mean and
+## standard deviation (hw.mean and hw.std, from the weights' own transforms),
+## and images near ImageNet's size: on a GPU we upsample 32 -> 224 pixels.
+def model_inputs(images, hw, augment_with=None):
+    """uint8 batch -> normalised float batch of IMAGE_SIZE pixels, on the device."""
+    images = images.to(hw.device, non_blocking=True)   # non-blocking: overlaps with GPU work
+    if augment_with is not None:
+        images = random_crop_flip(images, augment_with)
+    x = (images.float() - hw.mean) / hw.std
+    if x.shape[-1] != hw.image_size:
+        # Resizing whole batches on the device: resizing 32 -> 224 in PIL would starve the GPU.
+        x = F.interpolate(x, size=hw.image_size, mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=hw.memory_format)
 
 
-def choose_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def choose_precision(device):
-    """Mixed precision on CUDA: bf16 where the GPU supports it, else fp16. Full fp32 elsewhere."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-# =============================================================================
-# Model: ResNet18 with ImageNet weights and a new 10-class head
-# =============================================================================
+# === Model: ResNet18 with ImageNet weights and a new 10-class head ======================================
 ## The pretrained network ends in a 1000-way ImageNet classifier (`fc`). We
 ## keep everything before it -- the feature extractor -- and replace `fc` by a
 ## fresh 10-way layer for CIFAR-10's classes.
 
-def error_summary(error):
-    """The informative last line of a (possibly long) exception message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()
-             and not line.strip().startswith(("Check the documentation", "Please file", "Weights only load"))]
-    return f"{type(error).__name__}: {lines[-1][:200] if lines else ''}"
-
-
-def safe_load(path):
-    """torch.load that only accepts tensors and plain containers, never code."""
-    try:
-        ## weights_only=True refuses pickled Python objects: unpickling an
-        ## untrusted file could otherwise run arbitrary code on your machine.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise RunError(f"refused to load {path}: it holds more than tensors and plain containers, and "
-                       f"unpickling it fully could run code. Only use files you trust; to save weights "
-                       f"yourself, save model.state_dict(), not the model. ({error_summary(error)})") from None
-    except Exception as error:   # truncated, empty, or not a PyTorch file at all
-        raise RunError(f"could not read {path}: not a PyTorch file, or truncated or corrupted "
-                       f"({error_summary(error)})") from None
-
-
-def imagenet_state_dict():
-    weights = models.ResNet18_Weights.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    try:
-        # The same download and cache as resnet18(weights=...), but loaded with weights_only=True,
-        # which resnet18() does not ask for.
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
-        if not cached.exists():
-            raise RunError(download_help(
-                "the ImageNet weights", weights.url, error,
-                f"put {cached.name} in {cached.parent},\n  or pass its path: --weights PATH.")) from None
-        problem = error
-    except Exception as error:   # a truncated, corrupted or booby-trapped file, or a failed hash check
-        problem = error
-    if cached.exists():
-        raise RunError(f"the cached weights {cached} could not be loaded safely ({error_summary(problem)}).\n"
-                       f"  Delete that file and run again to download a fresh copy.")
-    raise RunError(f"the download of {weights.url} failed its check ({error_summary(problem)}); run again.")
-
-
-def build_model(weights, num_classes=10):
-    """ResNet18 with the chosen weights and a new, randomly initialised `num_classes`-way head."""
+def build_model(weights):
+    """ResNet18 with the chosen weights and a new, randomly initialised 10-way head."""
     model = models.resnet18(weights=None)
     if weights != "none":
-        if weights in models.ResNet18_Weights.__members__:
-            state = imagenet_state_dict()
-        else:
-            try:
-                state = safe_load(weights)
-            except RunError as error:
-                raise SettingError(f"WEIGHTS (--weights): {error}") from None
-        load_backbone(model, state, weights)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)   # the new head
+        load_pretrained(model, weights)   # ImageNet's (downloaded once, then cached) or a file's
+    model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)   # the new head
     return model
 
 
-def load_backbone(model, state, source):
-    """Load every weight except the old head; complain clearly if the file is not a ResNet18."""
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise bad("WEIGHTS", source, "the file is not a state dict (a dict of parameter names to tensors)")
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-    except RuntimeError as error:   # a shape mismatch
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
-        raise bad("WEIGHTS", source, f"its shapes do not fit ResNet18 ({detail})") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise bad("WEIGHTS", source, f"not a ResNet18 state dict (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]})")
-
-
-# =============================================================================
-# Freezing: which blocks learn
-# =============================================================================
+# === Freezing: which blocks learn =======================================================================
 ## Early blocks detect generic things (edges, colours, textures) that help on
 ## any image, so we freeze them; later blocks combine them into ImageNet-
 ## specific parts, so we fine-tune them. "Frozen" takes two switches:
@@ -373,10 +193,8 @@ def is_trainable(block):
 
 def freeze(model, freeze_until):
     """Freeze every block up to and including `freeze_until` ('none' freezes nothing)."""
-    if freeze_until == "none":
-        return
     blocks = block_modules(model)
-    for name in BLOCKS[:BLOCKS.index(freeze_until) + 1]:
+    for name in BLOCKS[:BLOCKS.index(freeze_until) + 1] if freeze_until != "none" else []:
         blocks[name].requires_grad_(False)
 
 
@@ -388,135 +206,98 @@ def set_train_mode(model):
             block.eval()
 
 
-# =============================================================================
-# Learning rates: one parameter group per block
-# =============================================================================
+# === Learning rates: one parameter group per block ======================================================
 ## Discriminative learning rates: the pretrained blocks are already good, so
-## they take small steps (BACKBONE_LR) that adapt them without destroying what
-## they know. The new head starts from random numbers and must move far, so it
-## gets a 10x larger rate (HEAD_LR). Adam accepts a list of "parameter groups",
-## each with its own lr; frozen parameters are simply not given to it.
+## they take small steps that adapt them without destroying what they know.
+## The new head starts from random numbers and must move far, so it gets a
+## 10x larger rate (HEAD_LR). LAYER_LR_DECAY adds the seed's third tier: the
+## earlier a block, the more generic its features, so each block below layer4
+## can learn more slowly than the one above it. Adam takes a list of
+## "parameter groups", each with its own lr; frozen parameters are not given.
 
-def param_groups(model, backbone_lr, head_lr):
-    return [{"name": name, "params": list(block.parameters()),
-             "lr": head_lr if name == "fc" else backbone_lr}
+def block_lr(name, cfg):
+    """HEAD_LR for the head; BACKBONE_LR for layer4, times LAYER_LR_DECAY per block further down."""
+    if name == "fc":
+        return cfg.head_lr
+    return cfg.backbone_lr * cfg.layer_lr_decay ** (BLOCKS.index("layer4") - BLOCKS.index(name))
+
+
+def param_groups(model, cfg):
+    return [{"name": name, "params": list(block.parameters()), "lr": block_lr(name, cfg)}
             for name, block in block_modules(model).items() if is_trainable(block)]
 
 
-def group_lrs(optimizer):
-    """{block name: learning rate} of the optimizer's parameter groups."""
-    return {group["name"]: group["lr"] for group in optimizer.param_groups}
-
-
 def make_optimizer(groups, device):
-    # fused=True runs Adam's update as one kernel: measured about 18 ms -> 5 ms per step on a 2-core CPU.
+    # fused=True runs Adam's update as one kernel instead of a loop over parameters.
     return torch.optim.Adam(groups, fused=device.type in ("cuda", "cpu"))
 
 
 ## Gradual unfreezing: start with the late blocks only, then release earlier
 ## blocks once the head has settled, so its first large, noisy gradients never
 ## reach the most generic features.
-def unfreeze(model, optimizer, block_name, lr):
-    """Make `block_name` and any frozen block after it trainable; each joins Adam as a new group."""
-    blocks = block_modules(model)
-    released = []
+def unfreeze(model, optimizer, block_name, cfg):
+    """Make `block_name` and any frozen block after it trainable; each joins Adam at its own rate."""
+    blocks, released = block_modules(model), []
     for name in BLOCKS[BLOCKS.index(block_name):]:
         if not is_trainable(blocks[name]):
             blocks[name].requires_grad_(True)
-            optimizer.add_param_group({"name": name, "params": list(blocks[name].parameters()), "lr": lr})
+            optimizer.add_param_group({"name": name, "params": list(blocks[name].parameters()),
+                                       "lr": block_lr(name, cfg)})
             released.append(name)
     return released   # set_train_mode() now leaves their BatchNorm in train mode
 
 
-# =============================================================================
-# Training and evaluation
-# =============================================================================
-stop_requested = False   # set by the first Ctrl-C; the training loop stops after the current batch
-
-
-def on_ctrl_c(signum, frame):
-    global stop_requested
-    stop_requested = True
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
-    print("\nCtrl-C: stopping after this batch (press Ctrl-C again to quit at once)", flush=True)
-
-
-def ignore_ctrl_c(worker_id):
-    # DataLoader workers share the terminal: the main process alone decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Diverged(Exception):
-    def __init__(self, epoch, batch):
-        super().__init__(f"epoch {epoch}, batch {batch}")
-        self.epoch, self.batch = epoch, batch
-
-
+# === The training step ==================================================================================
 ## One training step: forward pass, loss, clear last step's gradients,
 ## backward pass (gradients reach only the trainable blocks), optimizer
-## update (each parameter group with its own learning rate).
-def train_one_epoch(model, loader, optimizer, hw, augment_with, epoch, max_batches=None):
-    """One pass over the training split. Returns (mean loss, accuracy, finished: bool)."""
+## update (each parameter group with its own learning rate). Each epoch's
+## shuffle and augmentation are seeded from (SEED, epoch), so a resumed run
+## sees exactly the batches an uninterrupted one would.
+
+def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
+    """One pass over the training split: (mean loss, accuracy), or None if stopped part-way."""
     set_train_mode(model)   # frozen blocks stay in eval mode
-    n_batches = min(len(loader), max_batches or len(loader))
-    loss_sum = torch.zeros((), device=hw.device)
-    correct = torch.zeros((), dtype=torch.int64, device=hw.device)
-    seen, pending = 0, []
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
-    for batch, (images, labels) in enumerate(islice(loader, n_batches), start=1):
-        x, y = hw.inputs(images, augment_with), labels.to(hw.device, non_blocking=True)
-        with hw.autocast():
+    loader.sampler.generator.manual_seed(epoch_seed(cfg.seed, epoch, 0))
+    augment_with = torch.Generator(hw.generator_device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
+    progress = Progress(loader, f"epoch {epoch}", cfg.max_batches, hw.device)
+    for images, labels in progress:
+        x, y = model_inputs(images, hw, augment_with), labels.to(hw.device, non_blocking=True)
+        with hw.autocast():   # mixed precision on CUDA; plain float32 elsewhere
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         hw.scaler.scale(loss).backward()   # the scaler is a no-op unless training in fp16
         hw.scaler.step(optimizer)
         hw.scaler.update()
-        # Keep the running sums on the device: .item() would make the CPU wait for the GPU.
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        pending.append(loss.detach())
-        bar.update()
-        if len(pending) == SYNC_EVERY or batch == n_batches or stop_requested:
-            for offset, value in enumerate(torch.stack(pending).tolist()):   # one sync per window
-                if not math.isfinite(value):
-                    raise Diverged(epoch, batch - len(pending) + 1 + offset)
-            pending.clear()
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}")
-        if stop_requested:
-            break
-    bar.close()
-    return loss_sum.item() / seen, correct.item() / seen, batch == n_batches
+        progress.add(loss, logits, y)      # running sums; a nan or inf loss stops the run
+    return progress.result()
 
 
+# === Evaluation =========================================================================================
 ## Evaluation puts every layer in eval mode: BatchNorm uses its running
 ## statistics, so a prediction never depends on the other images in the batch.
-@torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad, and nothing to leak
-def evaluate(model, loader, hw, num_classes=10, desc="val", max_batches=None):
-    """Mean loss and the confusion matrix (rows: true class, columns: predicted)."""
+
+@torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad
+def evaluate(model, loader, hw, cfg, desc):
+    """Mean loss and the confusion matrix (rows: true class, columns: predicted), or None if stopped."""
     model.eval()
-    n_batches = min(len(loader), max_batches or len(loader))
-    loss_sum = torch.zeros((), device=hw.device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=hw.device)
-    for images, labels in tqdm(islice(loader, n_batches), total=n_batches, desc=desc, leave=False,
-                               disable=None, dynamic_ncols=True):
-        x, y = hw.inputs(images), labels.to(hw.device, non_blocking=True)
+    progress = Progress(loader, desc, cfg.max_batches, hw.device)
+    confusion = torch.zeros(NUM_CLASSES ** 2, dtype=torch.int64, device=hw.device)
+    for images, labels in progress:
+        x, y = model_inputs(images, hw), labels.to(hw.device, non_blocking=True)
         with hw.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    return loss_sum.item() / max(1, confusion.sum().item()), confusion
+            logits = model(x).float()
+        progress.add(F.cross_entropy(logits, y), logits, y)   # a nan or inf loss stops the run here too
+        confusion += torch.bincount(y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES ** 2)
+    result = progress.result()
+    return result and (result[0], confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
 
 
 def accuracy(confusion):
     return confusion.trace().item() / max(1, confusion.sum().item())
 
 
-# =============================================================================
-# Early stopping
-# =============================================================================
+# === Early stopping =====================================================================================
 ## Training accuracy keeps rising long after the model stops getting better on
 ## images it has not seen. Early stopping watches the validation split, keeps
 ## the weights of the best epoch, and ends training once `patience` epochs in
@@ -540,332 +321,564 @@ class EarlyStopping:
     def should_stop(self):
         return self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
-    def state_dict(self):
-        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
 
-    def load_state_dict(self, state):
-        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
+    """The epoch loop: unfreeze on schedule, train, validate, keep the best weights, stop early."""
+    cfg = run.cfg
+    print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}{'val acc':>9}{'time':>8}")
+    for epoch in range(run.next_epoch, cfg.epochs + 1):
+        if stopper.should_stop:
+            break
+        if epoch in cfg.unfreeze_schedule:
+            released = unfreeze(model, optimizer, cfg.unfreeze_schedule[epoch], cfg)
+            print(f"epoch {epoch}: unfreezing {', '.join(released)} "
+                  f"(lr {', '.join(f'{block_lr(name, cfg):.1e}' for name in released)})")
+        started = time.perf_counter()
+        trained = train_one_epoch(model, train_loader, optimizer, hw, epoch, cfg)
+        validated = trained and evaluate(model, val_loader, hw, cfg, f"epoch {epoch} val")
+        if not validated:   # Ctrl-C or SIGTERM: this epoch is dropped, the last saved one stands
+            break
+        (train_loss, train_acc), (val_loss, confusion) = trained, validated
+        improved = stopper.step(val_loss if cfg.monitor == "val_loss" else accuracy(confusion), epoch)
+        ## The best epoch's weights go to best.pt: they are what we test at the end.
+        save_epoch(run, model, optimizer, hw, stopper, improved, dict(
+            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+            val_acc=accuracy(confusion), seconds=round(time.perf_counter() - started, 2)))
+        if stopping():
+            break
 
 
-# =============================================================================
-# Files: every write is atomic, so an interrupted run never leaves a broken file
-# =============================================================================
+# === The story of a run =================================================================================
 
-def write_atomic(path, write):
-    """Write into path.tmp, then rename it over `path`: readers see the old or the new file, never half."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
+def main(argv=None):
+    """Settings -> data -> model -> freeze -> optimizer -> epochs with early stopping -> test -> report."""
+    cfg = parse_settings(argv)   # the constants, as overridden by flags or by the run being resumed
+    hw = Hardware(cfg)           # the device, its precision, and ImageNet's normalisation
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
+    model = build_model(cfg.weights)
+    train_loader, val_loader, test_loader, classes = load_data(cfg, hw)
+    freeze(model, cfg.freeze_until)
+    model.to(hw.device, memory_format=hw.memory_format)
+    optimizer = make_optimizer(param_groups(model, cfg), hw.device)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta, "min" if cfg.monitor == "val_loss" else "max")
+    run = open_run(cfg, hw, model, optimizer, stopper)   # a new run folder, or the resumed run's state
+    print_blocks(model, optimizer)
+    with stop_after_batch():     # Ctrl-C or SIGTERM: finish the batch, keep the files, then stop
+        fit(model, optimizer, hw, train_loader, val_loader, stopper, run)
+    reason = stop_reason(run, stopper)
+    print(f"\nstopped: {reason}")
+    if stopper.best_epoch is None or stop_requested == signal.SIGTERM:
+        return stop_without_test(run)
+
+    ## The test set is used once, on the weights that early stopping chose on
+    ## the validation split. Choosing anything by test accuracy would make it a
+    ## second validation set, and the reported figure optimistic.
+    model.load_state_dict(load_checkpoint(run.dir / "best.pt", "the best weights"))
+    print(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor}) from {run.dir / 'best.pt'}")
     try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        test_loss, confusion = evaluate(model, test_loader, hw, cfg, "test")
+    except KeyboardInterrupt:
+        return stop_without_test(run, "test evaluation skipped.")
+    return finish_run(run, stopper, reason, classes, test_loss, confusion)
 
 
-def save_torch(obj, path):
-    write_atomic(path, lambda file: torch.save(obj, file))
+# =========================================================================================================
+# The lesson ends here: on a first read, stop and go on with the README. Below is plumbing: the command
+# line and its checks, files, the run folder and resume, reports, signals and progress, downloads, devices.
+# =========================================================================================================
+SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZE_UNTIL UNFREEZE_SCHEDULE BATCH_SIZE "
+            "EPOCHS BACKBONE_LR LAYER_LR_DECAY HEAD_LR MONITOR PATIENCE MIN_DELTA NUM_WORKERS OUTPUT_DIR").split()
+CIFAR10_TRAIN_IMAGES = 50_000   # known before any download, so the split is checked first
+SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-tinted noise
+DRY_RUN_BATCHES = 4             # --dry-run: batches per phase (train, validation, test)
+SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
+HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable", "seconds"]
+stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
+finishing_batch = False         # True while training: then the first signal lets the batch finish
+if os.name == "posix":
+    import fcntl                # lets concurrent runs take turns with summary.csv
 
 
-def save_text(text, path):
-    write_atomic(path, lambda file: file.write(text.encode()))
+class SettingError(Exception):
+    """A bad setting: one line, exit code 2."""
 
 
-def save_json(obj, path):
-    save_text(json.dumps(obj, indent=2) + "\n", path)
+class RunError(Exception):
+    """Something outside the code went wrong (download, files, divergence): exit code 1."""
 
 
-def csv_text(rows, columns):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+class BadFile(RunError):
+    """A file that torch.load refuses, or that holds something other than it should."""
 
 
-HISTORY_COLUMNS = (["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
-                   + [f"lr_{name}" for name in BLOCKS] + ["trainable", "seconds"])
-
-
-def save_history(history, run_dir):
-    save_text(csv_text(history, HISTORY_COLUMNS), Path(run_dir) / "history.csv")
-
-
-SUMMARY_COLUMNS = ["run", "freeze_until", "backbone_lr", "head_lr", "image_size", "weights",
-                   "unfreeze_schedule", "best_val_acc", "test_acc", "epochs", "minutes"]
-
-
-# =============================================================================
-# Results: per-class accuracy, confusion matrix, curves, comparison with earlier runs
-# =============================================================================
-
-def print_report(confusion, classes):
-    """Test accuracy per class, the confusion matrix and the most confused pairs, in 80 columns."""
-    totals = confusion.sum(1)
-    print(f"\n{'class':<12}{'accuracy':>9}{'correct':>10}{'images':>8}")
-    for c, (name, acc) in enumerate(per_class_accuracy(confusion, classes).items()):
-        shown = "n/a" if acc is None else f"{acc:.1%}"   # n/a: no test image of this class
-        print(f"{name[:12]:<12}{shown:>9}{confusion[c, c].item():>10}{totals[c].item():>8}")
-    print("\nconfusion matrix (rows: true class, columns: predicted)")
-    print(" " * 11 + "".join(f"{name[:5]:>6}" for name in classes))
-    for c, name in enumerate(classes):
-        print(f"{name[:10]:<11}" + "".join(f"{v:>6}" for v in confusion[c].tolist()))
-    errors = [(confusion[t, p].item(), t, p) for t in range(len(classes))
-              for p in range(len(classes)) if t != p and confusion[t, p] > 0]
-    if errors:
-        print("most confused: " + ", ".join(f"{classes[t]} -> {classes[p]}: {n}"
-                                            for n, t, p in sorted(errors, reverse=True)[:3]))
-
-
-def per_class_accuracy(confusion, classes):
-    totals = confusion.sum(1)
-    return {name: (confusion[c, c].item() / totals[c].item() if totals[c] else None)
-            for c, name in enumerate(classes)}
-
-
-def plot_curves(history, best_epoch, events, path):
-    """Loss and accuracy per epoch, best epoch and unfreezing marked. Needs matplotlib (optional)."""
-    try:
-        from matplotlib.figure import Figure   # no pyplot: works without a display
-    except ImportError:
-        print("(curves.png skipped: matplotlib is not installed -- `pip install matplotlib` to get it)")
-        return None
-    epochs = [row["epoch"] for row in history]
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    for axis, metric, label in zip(figure.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"]):
-        axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label="train")
-        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="validation")
-        if best_epoch:
-            axis.axvline(best_epoch, color="green", linestyle="--", label=f"best (epoch {best_epoch})")
-        for epoch, block in events.items():
-            axis.axvline(epoch, color="gray", linestyle=":", label=f"unfreeze {block}")
-        axis.set(xlabel="epoch", ylabel=label, title=label)
-        axis.legend()
-    figure.suptitle(f"run {Path(path).parent.name}")
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def update_summary(output_dir, row):
-    """Add this run to OUTPUT_DIR/summary.csv (rewritten atomically) and return all rows."""
-    path = Path(output_dir) / "summary.csv"
-    rows = []
-    if path.exists():
-        with open(path, newline="") as file:
-            rows = list(csv.DictReader(file))
-    rows.append(row)
-    save_text(csv_text(rows, SUMMARY_COLUMNS), path)
-    return rows
-
-
-def print_comparison(rows, limit=8):
-    print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):")
-    print(f"{'run':<22}{'freeze':>7}{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}"
-          f"{'test acc':>9}{'ep':>4}{'min':>6}")
-    for row in rows[-limit:]:
-        print(f"{row['run'][:21]:<22}{row['freeze_until']:>7}{float(row['backbone_lr']):>7.0e}"
-              f"{float(row['head_lr']):>8.0e}{row['weights'][:8]:>9}{float(row['best_val_acc']):>8.1%}"
-              f"{float(row['test_acc']):>9.1%}{row['epochs']:>4}{float(row['minutes']):>6.1f}")
-
-
-# =============================================================================
-# Command line and settings checks: every mistake gets a one-line error
-# =============================================================================
-HELP = {
-    "DATA_DIR": "folder that holds (or receives) cifar-10-batches-py",
-    "SEED": "random seed for the split, the head's init, shuffling and augmentation",
-    "VAL_FRACTION": "fraction of the training images held out for validation, in (0, 1)",
-    "IMAGE_SIZE": "'auto' (224 on CUDA, 32 elsewhere) or a size in pixels from 32 to 512",
-    "WEIGHTS": "IMAGENET1K_V1, none (random init), or a path to a ResNet18 state dict",
-    "FREEZE_UNTIL": "last frozen block: none, stem, layer1, layer2, layer3, layer4",
-    "UNFREEZE_SCHEDULE": "gradual unfreezing as EPOCH:BLOCK,... e.g. '5:layer2,10:layer1'",
-    "BATCH_SIZE": "training batch size",
-    "EPOCHS": "maximum number of epochs",
-    "BACKBONE_LR": "learning rate of the pretrained blocks being fine-tuned",
-    "HEAD_LR": "learning rate of the new classifier head",
-    "MONITOR": "what early stopping watches: val_loss or val_acc",
-    "PATIENCE": "epochs without improvement before stopping",
-    "MIN_DELTA": "smallest change that counts as an improvement",
-    "NUM_WORKERS": "DataLoader worker processes, or 'auto'",
-    "OUTPUT_DIR": "where run folders are written",
-}
-
+# --- The command line: the constants are its defaults, so one path checks both ----------------------------
 
 def flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
-def parse_args(argv=None):
-    """Command-line options, one per constant. Returns (options, overrides given)."""
-    parser = argparse.ArgumentParser(
-        prog="fine_tuning.py", description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
-                    "Every option overrides the constant of the same name at the top of the file.")
-    for name in SETTINGS:
-        default = globals()[name]
-        shown = schedule_text(default) if name == "UNFREEZE_SCHEDULE" else default
-        # SUPPRESS: an option not given stays out of the result, so we know what was overridden.
-        parser.add_argument(flag(name), dest=name, metavar=name, default=argparse.SUPPRESS,
-                            help=f"{HELP[name]} (default: {shown})")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the install offline in seconds: synthetic data, random "
-                             f"weights, 2 epochs of {DRY_RUN_BATCHES} batches per phase")
-    parser.add_argument("--run-name", help="name of the run folder (default: time and key settings)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from its last completed epoch")
-    options = parser.parse_args(argv)
-    overrides = {name: getattr(options, name) for name in SETTINGS if hasattr(options, name)}
-    return options, overrides
+def checked(kind, test, expected, word=None):
+    """An argparse type: kind(text) when it is not None and test() holds for it, or the word `word`."""
+    def parse(text):
+        if word and text.strip().lower() == word:
+            return word
+        with contextlib.suppress(ValueError, OverflowError):
+            if (value := kind(text)) is not None and test(value):
+                return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {word + ' or ' if word else ''}{expected}")
+    return parse
 
 
-def given_flags(options, overrides):
-    """The options typed on the command line besides --resume, as flags."""
-    return [flag(name) for name in overrides] + [
-        f for f, given in [("--dry-run", options.dry_run), ("--run-name", options.run_name)] if given]
+def folder(text, writable=False):
+    """A folder's path, or None: empty, 'none', a file, or (when it must be writable) a read-only place."""
+    path = Path(text.strip()).expanduser()
+    nearest = next(p for p in [path, *path.absolute().parents] if p.exists())
+    ok = text.strip().lower() not in ("", "none") and not path.is_file()
+    return path if ok and (not writable or os.access(nearest, os.W_OK | os.X_OK)) else None
 
 
-def bad(name, value, allowed):
-    return SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: {allowed}")
-
-
-def as_int(name, value, minimum, alternative="", why="", maximum=None):
-    allowed = f"expected {alternative}a whole number >= {minimum}{why}"
-    if maximum is not None:
-        allowed = f"expected {alternative}a whole number from {minimum} to {maximum}{why}"
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise bad(name, value, allowed) from None
-    if number < minimum or (maximum is not None and number > maximum):
-        raise bad(name, value, allowed)
-    return number
-
-
-def as_float(name, value, allowed, ok):
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise bad(name, value, allowed) from None
-    if not (math.isfinite(number) and ok(number)):
-        raise bad(name, value, allowed)
-    return number
-
-
-def as_choice(name, value, choices):
-    if str(value).strip().lower() not in choices:
-        raise bad(name, value, "choose one of " + ", ".join(choices))
-    return str(value).strip().lower()
-
-
-def as_folder(name, value):
-    path = Path(str(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise bad(name, str(value), "it is a file; give a folder")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise bad(name, str(value), f"{existing} is not writable; choose a folder you can write to")
-    return str(path)
-
-
-def as_weights(value):
-    text = str(value).strip()
-    if text.lower() == "none":
-        return "none"
-    if text.upper() in models.ResNet18_Weights.__members__:   # IMAGENET1K_V1, or its alias DEFAULT
-        return models.ResNet18_Weights[text.upper()].name
-    path = Path(text).expanduser()
+def weights_choice(text):
+    name, path = text.strip(), Path(text.strip()).expanduser()
+    if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:   # DEFAULT: IMAGENET1K_V1
+        return "none" if name.lower() == "none" else models.ResNet18_Weights[name.upper()].name
     if path.is_file():
-        return str(path)
-    if path.exists():
-        raise bad("WEIGHTS", text, "it is not a regular file; give a state-dict file")
-    if os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        raise bad("WEIGHTS", text, "no such file")
-    raise bad("WEIGHTS", text, "use IMAGENET1K_V1, none, or the path of a ResNet18 state-dict file")
+        return str(path.absolute())
+    raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 state-"
+                                     f"dict file ({'not a regular file' if path.exists() else 'no such file'})")
 
 
-def schedule_text(schedule):
-    return ",".join(f"{epoch}:{block}" for epoch, block in sorted(schedule.items())) or "none"
+def schedule(text):
+    """'5:layer2,10:layer1', or a dict's text {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}; None if malformed."""
+    pairs = [p.partition(":") for p in "".join(c for c in text if c not in "{}'\" ").lower().split(",") if p]
+    plan = {int(epoch): block for epoch, _, block in pairs if epoch.isdigit() and block in BLOCKS[:-1]}
+    return plan if len(plan) == len(pairs) or text.strip().lower() == "none" else None
 
 
-def as_schedule(value, freeze_until, epochs):
-    """'5:layer2,10:layer1' or {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}, checked."""
-    name = "UNFREEZE_SCHEDULE"
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        text = "".join(c for c in str(value) if c not in "{}'\" ")   # also accepts {5: "layer2"}
-        items = [] if text.lower() in ("", "none") else [
-            part.split(":", 1) if ":" in part else (part, "") for part in text.split(",")]
-    schedule = {}
-    for epoch, block in items:
-        try:
-            epoch = int(str(epoch).strip())
-        except ValueError:
-            raise bad(name, value, "write EPOCH:BLOCK pairs, e.g. 5:layer2,10:layer1") from None
-        block = str(block).strip().lower()
-        if not 1 <= epoch <= epochs:
-            raise bad(name, value, f"epoch {epoch} is outside 1..{epochs} (EPOCHS)")
-        if block not in BLOCKS[:-1]:
-            raise bad(name, value, f"unknown block {block!r}; blocks are {', '.join(BLOCKS[:-1])}")
-        if epoch in schedule:
-            raise bad(name, value, f"epoch {epoch} appears twice")
-        schedule[epoch] = block
-    frozen = BLOCKS[:BLOCKS.index(freeze_until) + 1] if freeze_until != "none" else []
-    for epoch, block in sorted(schedule.items()):
-        if block not in frozen:
-            raise bad(name, value, f"{block} is already trainable at epoch {epoch} "
-                                   f"(FREEZE_UNTIL={freeze_until}); name a block that is still frozen")
+def constant_text(name):
+    """A constant as the text a flag would give, so argparse checks both the same way."""
+    value = globals().get(name, SettingError)
+    if name == "UNFREEZE_SCHEDULE" and isinstance(value, dict):
+        return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if value is SettingError:
+        raise SettingError(f"{name} is missing from the settings at the top of fine_tuning.py (commented out?)")
+    expected = "a dict such as {5: 'layer2'}" if name == "UNFREEZE_SCHEDULE" else "a number or a text"
+    raise SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: expected {expected}")
+
+
+def settings_parser():
+    parser = argparse.ArgumentParser(prog="fine_tuning.py", allow_abbrev=False, description="Fine-tune an ImageNet-"
+                                     "pretrained ResNet18 on CIFAR-10. Each option overrides the constant of its name.",
+                                     usage="python fine_tuning.py [--dry-run] [--resume RUN_DIR] [--SETTING VALUE ...]")
+    named = {f"argument {flag(name)}:": f"{name} ({flag(name)}):" for name in SETTINGS}   # "EPOCHS (--epochs):"
+    parser.error = lambda message: argparse.ArgumentParser.error(
+        parser, re.sub("|".join(named), lambda match: named[match[0]], message))
+
+    def add(name, type, help, **more):
+        parser.add_argument(flag(name), dest=name, metavar=name, type=type, default=constant_text(name),
+                            help=help + " (default: %(default)s)", **more)
+    whole, positive = "a whole number >= ", lambda x: 0 < x < math.inf
+    add("DATA_DIR", checked(folder, bool, "a folder"), "holds, or receives, CIFAR-10")
+    add("SEED", checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"), "random seed")
+    add("VAL_FRACTION", checked(float, lambda x: 0 < x < 1, "a number strictly between 0 and 1, e.g. 0.1"),
+        "share of the training images held out for validation")
+    add("TRAIN_PER_CLASS", checked(int, lambda n: n >= 1, whole + "1", "all"), "training images kept per class")
+    add("IMAGE_SIZE", checked(int, lambda n: 32 <= n <= 512, "a whole number from 32 to 512 (CIFAR has 32 pixels, "
+                              "ImageNet about 224)", "auto"), "pixels fed to the model; auto: 224 on CUDA, else 32")
+    add("WEIGHTS", weights_choice, "IMAGENET1K_V1, none (random init), or a ResNet18 state-dict file")
+    add("FREEZE_UNTIL", str.lower, "last frozen block: %(choices)s", choices=["none", *BLOCKS[:-1]])
+    add("UNFREEZE_SCHEDULE", checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 5:layer2,"
+                                     "10:layer1, each epoch once, blocks from stem to layer4"), "gradual unfreezing")
+    add("BATCH_SIZE", checked(int, lambda n: n >= 2, whole + "2 (BatchNorm in train mode needs 2 or more images "
+                              "to normalise over)"), "training batch size")
+    add("EPOCHS", checked(int, lambda n: n >= 1, whole + "1"), "maximum number of epochs")
+    add("BACKBONE_LR", checked(float, positive, "a positive number, e.g. 1e-4"), "layer4's learning rate")
+    add("LAYER_LR_DECAY", checked(float, lambda x: 0 < x <= 1, "a number in (0, 1], e.g. 0.5"),
+        "each block below layer4 learns at this times the rate of the block above")
+    add("HEAD_LR", checked(float, positive, "a positive number, e.g. 1e-3"), "the new head's learning rate")
+    add("MONITOR", str.lower, "what early stopping watches: %(choices)s", choices=["val_loss", "val_acc"])
+    add("PATIENCE", checked(int, lambda n: n >= 0, whole + "0"), "epochs without improvement before stopping")
+    add("MIN_DELTA", checked(float, lambda x: 0 <= x < math.inf, "a number >= 0"), "smallest change that counts")
+    add("NUM_WORKERS", checked(int, lambda n: n >= 0, whole + "0", "auto"), "DataLoader worker processes")
+    add("OUTPUT_DIR", checked(lambda text: folder(text, writable=True), bool, "a folder you can write to"),
+        "where run folders are written")
+    parser.add_argument("--dry-run", action="store_true", help="check your install offline in seconds: synthetic "
+                        f"data and random weights, {DRY_RUN_BATCHES} batches per phase; every setting kept")
+    parser.add_argument("--run-name", type=checked(str, re.compile(r"\w[\w.+=-]*").fullmatch, "a folder name of "
+                        "letters, digits and ._+=-"), help="name of the run folder (default: time and settings)")
+    parser.add_argument("--resume", metavar="RUN_DIR", type=checked(folder, lambda p: (p / "config.json").is_file(),
+                        "a run folder made by this script"), help="continue an interrupted run")
+    return parser
+
+
+def parse_settings(argv=None):
+    """The checked settings, named in lower case, with the run's own options and the device."""
+    argv, parser = sys.argv[1:] if argv is None else list(argv), settings_parser()
+    options = parser.parse_args(argv)
+    if options.resume:
+        if others := [a for a in argv if a.startswith("--") and not a.startswith("--resume")]:
+            parser.error(f"--resume continues a run with its saved settings; drop {' '.join(others)}")
+        options = parser.parse_args(resume_argv(options.resume, parser))
+    device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    cfg = SimpleNamespace(**{name.lower(): getattr(options, name) for name in SETTINGS}, dry_run=options.dry_run,
+                          run_name=options.run_name, resume=options.resume, device=device,
+                          max_batches=DRY_RUN_BATCHES if options.dry_run else None)
+    if cfg.image_size == "auto":
+        cfg.image_size = 224 if device.type == "cuda" else 32
+    cfg.settings = {name: getattr(cfg, name.lower()) for name in SETTINGS}   # as this run uses them; absolute
+    cfg.settings.update(DATA_DIR=str(cfg.data_dir.absolute()), OUTPUT_DIR=str(cfg.output_dir.absolute()),   # folders:
+                        UNFREEZE_SCHEDULE=",".join(f"{e}:{b}" for e, b in sorted(cfg.unfreeze_schedule.items())))
+    try:   # a run resumes from anywhere
+        check_together(cfg)
+    except SettingError as error:
+        parser.error(str(error))
+    if cfg.dry_run or cfg.resume:
+        cfg.weights = "none"   # random weights; a resumed run loads its own from last.pt
+    return cfg
+
+
+def check_together(cfg):
+    """The checks that need two settings; the split is checked on CIFAR-10's known size."""
+    frozen = BLOCKS[:BLOCKS.index(cfg.freeze_until) + 1] if cfg.freeze_until != "none" else []
+    for epoch, block in sorted(cfg.unfreeze_schedule.items()):
+        if not (1 <= epoch <= cfg.epochs and block in frozen):
+            raise SettingError(f"UNFREEZE_SCHEDULE (--unfreeze-schedule): {epoch}:{block} is not allowed: " + (
+                f"epoch {epoch} is outside 1..{cfg.epochs} (EPOCHS)" if block in frozen else
+                f"{block} is already trainable then (FREEZE_UNTIL = {cfg.freeze_until}); name a frozen block"))
         frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
-    return schedule
+    labels = torch.arange(SYNTHETIC_SIZES[0] if cfg.dry_run else CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
+    check_split_sizes(cfg, labels, *stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class))
 
 
-def check_settings(raw):
-    """Turn raw settings (constants or command-line text) into checked values, or raise SettingError."""
-    epochs = as_int("EPOCHS", raw["EPOCHS"], 1)
-    freeze_until = as_choice("FREEZE_UNTIL", raw["FREEZE_UNTIL"], ["none"] + BLOCKS[:-1])
-    image_size = str(raw["IMAGE_SIZE"]).strip().lower()
-    workers = str(raw["NUM_WORKERS"]).strip().lower()
-    return dict(
-        DATA_DIR=as_folder("DATA_DIR", raw["DATA_DIR"]),
-        SEED=as_int("SEED", raw["SEED"], 0, maximum=2**32 - 1),
-        VAL_FRACTION=as_float("VAL_FRACTION", raw["VAL_FRACTION"],
-                              "expected a number strictly between 0 and 1, e.g. 0.1", lambda x: 0 < x < 1),
-        IMAGE_SIZE="auto" if image_size == "auto" else as_int(
-            "IMAGE_SIZE", image_size, 32, "auto or ", maximum=512,
-            why=" (CIFAR's images have 32 pixels; ImageNet features expect about 224)"),
-        WEIGHTS=as_weights(raw["WEIGHTS"]),
-        FREEZE_UNTIL=freeze_until,
-        UNFREEZE_SCHEDULE=as_schedule(raw["UNFREEZE_SCHEDULE"], freeze_until, epochs),
-        BATCH_SIZE=as_int("BATCH_SIZE", raw["BATCH_SIZE"], 2,
-                          why=" (BatchNorm in train mode needs 2 or more images to normalise over)"),
-        EPOCHS=epochs,
-        BACKBONE_LR=as_float("BACKBONE_LR", raw["BACKBONE_LR"],
-                             "expected a positive number, e.g. 1e-4", lambda x: x > 0),
-        HEAD_LR=as_float("HEAD_LR", raw["HEAD_LR"], "expected a positive number, e.g. 1e-3", lambda x: x > 0),
-        MONITOR=as_choice("MONITOR", raw["MONITOR"], ["val_loss", "val_acc"]),
-        PATIENCE=as_int("PATIENCE", raw["PATIENCE"], 0),
-        MIN_DELTA=as_float("MIN_DELTA", raw["MIN_DELTA"], "expected a number >= 0", lambda x: x >= 0),
-        NUM_WORKERS="auto" if workers == "auto" else as_int("NUM_WORKERS", workers, 0, "auto or "),
-        OUTPUT_DIR=as_folder("OUTPUT_DIR", raw["OUTPUT_DIR"]),
-    )
+def check_split_sizes(cfg, labels, train_idx, val_idx):
+    left, fewest = len(labels) - len(val_idx), torch.bincount(labels[train_idx], minlength=NUM_CLASSES).min()
+    if not len(val_idx) or not left:
+        raise SettingError(f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction} leaves {left:,} training and "
+                           f"{len(val_idx):,} validation images of {len(labels):,}; both must be non-empty")
+    if cfg.train_per_class != "all" and fewest < cfg.train_per_class:
+        raise SettingError(f"TRAIN_PER_CLASS (--train-per-class) = {cfg.train_per_class}: only {fewest} training "
+                           "images per class remain after the validation split")
+    if cfg.batch_size > len(train_idx):
+        raise SettingError(f"BATCH_SIZE (--batch-size) = {cfg.batch_size}: the training split has only "
+                           f"{len(train_idx):,} images")
 
 
-# =============================================================================
-# The run: set up, train with early stopping, test, report
-# =============================================================================
+# --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
+
+def save(path, content):
+    """Write into a temporary file beside `path`, then rename it over `path`: readers see the old file or
+    the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # one per process: concurrent runs never clash
+    try:
+        with open(temporary, "wb") as file:
+            if path.suffix == ".pt":
+                torch.save(content, file)
+            elif path.suffix == ".png":
+                content.savefig(file, format="png", dpi=100)
+            elif path.suffix == ".json":
+                file.write(json.dumps(content, indent=2).encode())
+            else:
+                writer = csv.DictWriter(text := io.StringIO(), content[0], extrasaction="ignore", lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(content[1])
+                file.write(text.getvalue().encode())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:   # torch.save reports a short write as a RuntimeError
+        raise write_error(path, error) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_error(path, error):
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error):
+        return RunError(f"the disk is full: could not write {path.name} in {path.parent}; files saved before are "
+                        "intact. Free some space, then run again (or --resume RUN_DIR)")
+    if isinstance(error, OSError):
+        return RunError(f"could not write {path}: {error.strerror or error}")
+    raise error   # any other RuntimeError is a bug: keep its traceback
+
+
+def add_to_summary(output_dir, row):
+    """Add this run's row to OUTPUT_DIR/summary.csv, one run at a time; returns every row."""
+    path = Path(output_dir) / "summary.csv"
+    try:
+        with open(path.with_name(".summary.lock"), "a") as lock:
+            if os.name == "posix":   # the lock is held until the file closes, even if the process dies
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            reader = csv.DictReader(io.StringIO(path.read_text() if path.exists() else ""))
+            rows, columns = [*reader, row], reader.fieldnames or []
+            save(path, ([*row] + [c for c in columns if c not in row], rows))
+    except OSError as error:
+        raise write_error(path, error) from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise RunError(f"{path} is not a CSV file this script can read ({error}); move it away") from None
+    return rows
+
+
+def load_checkpoint(path, what):
+    """torch.load that accepts only tensors and plain containers, never code; a clear error otherwise."""
+    try:
+        ## weights_only=True refuses pickled Python objects: unpickling an
+        ## untrusted file could otherwise run arbitrary code on your machine.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise BadFile(f"{what} {path} cannot be read ({error.strerror or error})") from None
+    except Exception as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        module, _, name = found[1].rpartition(".") if found else ("", "", "")
+        kind = getattr(sys.modules.get(module), name, None)   # looked up among loaded modules, never imported
+        if "TorchScript" in str(error):
+            problem = ("is a TorchScript archive (torch.jit.save), not a state dict: pass a file saved with "
+                       "torch.save(model.state_dict(), path); torch.jit.load(path).state_dict() gives one")
+        elif isinstance(kind, type) and issubclass(kind, nn.Module):
+            problem = (f"holds a whole pickled model ({found[1]}), not a state dict: where you trust the file, "
+                       "load it with weights_only=False and save model.state_dict() instead")
+        elif found:
+            problem = (f"was refused: it holds a Python object ({found[1]}), and unpickling it could run code. "
+                       "Only use files you trust; to save weights, save model.state_dict()")
+        else:
+            problem = f"is corrupt: not a PyTorch file, or truncated ({type(error).__name__})"
+        raise BadFile(f"{what} {path} {problem}") from None
+
+
+# --- The run folder: create, resume, save each epoch, finish ----------------------------------------------
+
+def open_run(cfg, hw, model, optimizer, stopper):
+    """A new run folder with its config.json, or the state of the run being resumed."""
+    run = SimpleNamespace(cfg=cfg, dir=cfg.resume or new_run_dir(cfg), history=[], next_epoch=1, started=time.time())
+    if not cfg.resume:
+        save(run.dir / "config.json", dict(
+            run=run.dir.name, dry_run=cfg.dry_run, settings=cfg.settings, device=str(hw.device),
+            precision=str(hw.amp_dtype or torch.float32), torch=torch.__version__, python=sys.version.split()[0],
+            torchvision=torchvision.__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        save(run.dir / "history.csv", (HISTORY, []))
+        print(f"run folder: {run.dir}")
+        return run
+    state = load_checkpoint(run.dir / "last.pt", "the checkpoint")
+    try:
+        for epoch, block in sorted(cfg.unfreeze_schedule.items()):
+            if epoch <= state["epoch"]:
+                unfreeze(model, optimizer, block, cfg)   # the same parameter groups, in the same order
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        hw.scaler.load_state_dict(state["scaler"])
+        vars(stopper).update(state["early_stopping"])
+        run.history, run.next_epoch = list(state["history"]), state["epoch"] + 1
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise RunError(f"{run.dir / 'last.pt'} does not fit the settings in its config.json (were they edited?): "
+                       f"{type(error).__name__}: {str(error)[:200]}") from None
+    if stopper.best_epoch == state["epoch"]:   # a crash may have come between last.pt and best.pt
+        save(run.dir / "best.pt", state["model"])
+    save(run.dir / "history.csv", (HISTORY, run.history))
+    run.started -= sum(row["seconds"] for row in run.history)   # count the epochs already run
+    print(f"resuming {run.dir} after epoch {state['epoch']}")
+    return run
+
+
+def new_run_dir(cfg):
+    """OUTPUT_DIR/<run name>, created atomically: a default name that another run took gets -2, -3...;
+    a --run-name folder is reused only when it holds no completed epoch."""
+    name = cfg.run_name or time.strftime("%m%d-%H%M%S_") + ("dry-run" if cfg.dry_run else "_".join(
+        [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}", f"{cfg.image_size}px"]
+        + ["scratch"] * (cfg.weights == "none")))
+    for n in range(1, 1000):
+        run_dir = cfg.output_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            if cfg.run_name and run_dir.is_dir() and not [*run_dir.glob("*.pt"), *run_dir.glob("results.json")]:
+                return run_dir
+            if cfg.run_name:
+                raise SettingError(f"--run-name: {run_dir} already holds a run; choose another name" + (
+                    f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists() else "")) from None
+        except OSError as error:
+            raise write_error(run_dir, error) from None
+
+
+def resume_argv(run_dir, parser):
+    """An interrupted run's saved settings as flags, so they are checked as typed ones are."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        saved = dict(config["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        parser.error(f"--resume {run_dir}: its config.json cannot be read; give a run folder made by this script")
+    if missing := [name for name in SETTINGS if name not in saved]:
+        parser.error(f"--resume {run_dir}: its config.json has no {', '.join(missing)} (written by an older "
+                     "version of this script?); start a new run")
+    if not (run_dir / "last.pt").is_file() and (run_dir / "results.json").is_file():
+        parser.exit(0, f"{run_dir} has already finished: its results are in {run_dir / 'results.json'}\n")
+    if not (run_dir / "last.pt").is_file():
+        parser.error(f"--resume {run_dir}: no completed epoch to resume from; run the same command again")
+    return ([f"{flag(name)}={saved[name]}" for name in SETTINGS] + [f"--resume={run_dir}"]
+            + ["--dry-run"] * bool(config.get("dry_run")))
+
+
+def save_epoch(run, model, optimizer, hw, stopper, improved, row):
+    """Everything to resume from this epoch (last.pt) first, then best.pt and history.csv; print the row."""
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    run.history.append({**row, **{f"lr_{name}": lr for name, lr in lrs.items()}, "trainable": " ".join(lrs)})
+    save(run.dir / "last.pt", dict(epoch=row["epoch"], model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                   scaler=hw.scaler.state_dict(), early_stopping=vars(stopper), history=run.history))
+    if improved:
+        save(run.dir / "best.pt", model.state_dict())
+    save(run.dir / "history.csv", (HISTORY, run.history))
+    print(f"{row['epoch']:>5}{row['train_loss']:>12.4f}{row['train_acc']:>11.2%}{row['val_loss']:>10.4f}"
+          f"{row['val_acc']:>9.2%}{row['seconds']:>7.1f}s{'  * best' if improved else ''}", flush=True)
+
+
+def stop_reason(run, stopper):
+    if stopper.should_stop:
+        return (f"early stopping: {run.cfg.monitor} did not improve on epoch {stopper.best_epoch} by at least "
+                f"{run.cfg.min_delta:g} for {stopper.bad_epochs} epoch(s) (PATIENCE = {run.cfg.patience})")
+    done = run.history and run.history[-1]["epoch"] == run.cfg.epochs
+    return f"all epochs ran (EPOCHS = {run.cfg.epochs})" if done else "interrupted"
+
+
+def stop_without_test(run, why=""):
+    """Stopped by a signal before the test pass: say what is kept and how to go on."""
+    if (run.dir / "last.pt").exists():
+        print((why and f"\n{why}\n") + f"kept in {run.dir}: best.pt last.pt history.csv\n"
+              f"resume with: python fine_tuning.py --resume {run.dir}")
+    else:   # leave no run folder behind
+        print("no epoch was completed: there is nothing to test or to resume; run the same command again.")
+        for name in ("config.json", "history.csv"):
+            (run.dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run.dir.rmdir()
+    return 128 + (stop_requested or signal.SIGINT)
+
+
+def finish_run(run, stopper, reason, classes, test_loss, confusion):
+    """Print and save the test results; a finished run joins summary.csv and is compared with the last."""
+    cfg, test_acc, minutes = run.cfg, accuracy(confusion), (time.time() - run.started) / 60
+    best = next(row for row in run.history if row["epoch"] == stopper.best_epoch)
+    print(f"\ntest loss {test_loss:.4f}   test accuracy {test_acc:.2%}   "
+          f"(best epoch {stopper.best_epoch}: val acc {best['val_acc']:.2%})")
+    save(run.dir / "results.json", dict(
+        test_loss=test_loss, test_acc=test_acc, per_class_acc=print_report(confusion, classes), classes=classes,
+        confusion_matrix=confusion.tolist(), best_epoch=stopper.best_epoch, best_val_acc=best["val_acc"],
+        epochs_run=run.history[-1]["epoch"], stop_reason=reason, wall_time_s=round(minutes * 60, 1)))
+    if figure := curves(run.history, stopper.best_epoch, cfg.unfreeze_schedule, run.dir.name):
+        save(run.dir / "curves.png", figure)
+    if cfg.dry_run or reason == "interrupted":
+        print(f"\n({'dry run' if cfg.dry_run else 'interrupted run'}: not added to summary.csv)")
+    else:
+        print_comparison(add_to_summary(cfg.output_dir, dict(
+            run=run.dir.name, **cfg.settings, best_val_acc=round(best["val_acc"], 4), test_acc=round(test_acc, 4),
+            epochs_run=run.history[-1]["epoch"], minutes=round(minutes, 2))))
+    if reason == "interrupted":
+        print(f"\nresume with: python fine_tuning.py --resume {run.dir}")
+        return 128 + stop_requested
+    (run.dir / "last.pt").unlink()   # only needed to resume: a finished run keeps best.pt
+    print(f"\nfiles in {run.dir}: {' '.join(sorted(p.name for p in run.dir.iterdir() if p.name[0] != '.'))}")
+    return 0
+
+
+# --- Reports: the block table, results per class, curves, the comparison of runs --------------------------
 
 def print_blocks(model, optimizer):
-    lrs = group_lrs(optimizer)
+    lrs, counts = {group["name"]: group["lr"] for group in optimizer.param_groups}, {"trainable": 0, "frozen": 0}
     print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}")
-    counts = {"trainable": 0, "frozen": 0}
     for name, block in block_modules(model).items():
-        count = sum(p.numel() for p in block.parameters())
-        status = "trainable" if is_trainable(block) else "frozen"
-        counts[status] += count
-        lr = f"{lrs[name]:.0e}" if name in lrs else "-"
-        print(f"{name:<8}{status:<11}{count:>12,}{lr:>9}")
+        size, status = sum(p.numel() for p in block.parameters()), "trainable" if is_trainable(block) else "frozen"
+        counts[status] += size
+        print(f"{name:<8}{status:<11}{size:>12,}{f'{lrs[name]:.1e}' if name in lrs else '-':>9}")
     print(f"trainable parameters: {counts['trainable']:,}   frozen: {counts['frozen']:,}\n")
+
+
+def print_report(confusion, classes):
+    """Test accuracy per class, the confusion matrix and the most confused pairs, in 80 columns."""
+    totals, per_class = confusion.sum(1), {}
+    print(f"\n{'class':<12}{'accuracy':>9}{'correct':>10}{'images':>8}")
+    for c, name in enumerate(classes):
+        per_class[name] = confusion[c, c].item() / totals[c].item() if totals[c] else None   # None: no image
+        shown = "n/a" if per_class[name] is None else f"{per_class[name]:.1%}"
+        print(f"{name[:12]:<12}{shown:>9}{confusion[c, c].item():>10}{totals[c].item():>8}")
+    print("\nconfusion matrix (rows: true class, columns: predicted)\n" + " " * 11
+          + "".join(f"{name[:5]:>6}" for name in classes))
+    for c, name in enumerate(classes):
+        print(f"{name[:10]:<11}" + "".join(f"{v:>6}" for v in confusion[c].tolist()))
+    errors = sorted(((confusion[t, p].item(), t, p) for t in range(len(classes)) for p in range(len(classes))
+                     if t != p and confusion[t, p] > 0), reverse=True)
+    if errors:
+        print("most confused: " + ", ".join(f"{classes[t]} -> {classes[p]}: {n}" for n, t, p in errors[:3]))
+    return per_class
+
+
+def curves(history, best_epoch, plan, title):
+    """Loss and accuracy per epoch, best epoch and unfreezing marked. Needs matplotlib (optional)."""
+    try:
+        from matplotlib.figure import Figure   # no pyplot: works without a display
+    except ImportError:
+        return print("(curves.png skipped: matplotlib is not installed -- `pip install matplotlib` to get it)")
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    for axis, metric, label in zip(figure.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"]):
+        for split, name in [("train", "train"), ("val", "validation")]:
+            axis.plot([r["epoch"] for r in history], [r[f"{split}_{metric}"] for r in history], "o-", label=name)
+        axis.axvline(best_epoch, color="green", linestyle="--", label=f"best (epoch {best_epoch})")
+        for epoch, block in plan.items():
+            axis.axvline(epoch, color="gray", linestyle=":", label=f"unfreeze {block}")
+        axis.set(xlabel="epoch", ylabel=label, title=label)
+        axis.legend()
+    figure.suptitle(f"run {title}")
+    return figure
+
+
+def print_comparison(rows, limit=8):
+    """The last runs of summary.csv, then what changed since the run before this one, and the effect."""
+    def cell(row, key, spec, width):
+        with contextlib.suppress(TypeError, ValueError):
+            return format(format(float(row[key]), spec) if spec else Path(row[key]).name[:width - 1], f">{width}")
+        return " " * width   # a row written by an older version of the script
+    print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):\n{'run':<22}{'freeze':>7}"
+          f"{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}")
+    for row in rows[-limit:]:
+        print(f"{str(row.get('run'))[:21]:<22}" + "".join(cell(row, *c) for c in [
+            ("FREEZE_UNTIL", "", 7), ("BACKBONE_LR", ".0e", 7), ("HEAD_LR", ".0e", 8), ("WEIGHTS", "", 9),
+            ("best_val_acc", ".1%", 8), ("test_acc", ".1%", 9), ("epochs_run", ".0f", 4), ("minutes", ".1f", 6)]))
+    before, now = rows[-2:] if len(rows) > 1 else ({}, {})
+    with contextlib.suppress(TypeError, ValueError, KeyError, ZeroDivisionError):
+        changed = [f"{name} {before[name]} -> {now[name]}" for name in SETTINGS
+                   if before.get(name) not in (None, "") and str(before[name]) != str(now[name])]
+        print(f"vs {before['run']} ({', '.join(changed) or 'same settings'}): test accuracy "
+              f"{100 * (float(now['test_acc']) - float(before['test_acc'])):+.1f} points, "
+              f"{float(now['minutes']) / float(before['minutes']):.1f}x the minutes")
+
+
+# --- Signals and progress: Ctrl-C or SIGTERM finish the batch; a nan loss stops the run -------------------
+
+def on_stop_signal(signum, frame):
+    global stop_requested
+    first, stop_requested = not stop_requested, signum
+    if not (first and finishing_batch):
+        raise KeyboardInterrupt   # outside training, or a second signal: stop at once
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"\n{name}: stopping after this batch (press Ctrl-C again to quit at once)", flush=True)
+
+
+@contextlib.contextmanager
+def stop_after_batch():
+    global finishing_batch
+    finishing_batch = True
+    try:
+        yield
+    finally:
+        finishing_batch = False
+
+
+def stopping():
+    return finishing_batch and bool(stop_requested)
+
+
+def ignore_stop_signals(worker_id):
+    # DataLoader workers share the terminal and the job: the main process alone decides how to stop.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def epoch_seed(seed, epoch, stream):
@@ -873,272 +886,191 @@ def epoch_seed(seed, epoch, stream):
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
-def new_run_dir(cfg, run_name, dry_run):
-    """OUTPUT_DIR/<run name>, checked before anything is downloaded; created later."""
-    if run_name is None:
-        stamp = datetime.now().strftime("%m%d-%H%M%S")
-        if dry_run:
-            run_name = f"{stamp}_dry-run"
-        else:   # e.g. 1128-093012_layer2_1e-04_1e-03_32px
-            extras = {"none": "_scratch", "IMAGENET1K_V1": ""}.get(cfg.weights, "_file")
-            extras += "_gradual" if cfg.unfreeze_schedule else ""
-            run_name = (f"{stamp}_{cfg.freeze_until}_{cfg.backbone_lr:.0e}_{cfg.head_lr:.0e}_"
-                        f"{cfg.image_size}px{extras}")
-    if not run_name or Path(run_name).name != run_name or run_name in (".", ".."):
-        raise SettingError(f"--run-name {run_name!r} is not allowed: use a plain folder name")
-    run_dir = Path(cfg.output_dir) / run_name
-    if run_dir.exists():
-        raise SettingError(f"--run-name: {run_dir} already exists; choose another name, "
-                           f"or continue it with --resume {run_dir}")
-    return run_dir
+class Progress:
+    """The batches of a loader under a progress bar, with the running loss and accuracy. The sums stay on
+    the device and are read back every SYNC_EVERY batches (.item() at each step would make the CPU wait for
+    the GPU); a nan or inf loss is then named at its batch. Iteration ends after max_batches (--dry-run),
+    or early when Ctrl-C or SIGTERM asked to stop."""
+
+    def __init__(self, loader, desc, max_batches, device):
+        self.desc, self.total = desc, min(len(loader), max_batches or len(loader))
+        self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
+        self.sums, self.seen, self.losses, self.checked = torch.zeros(2, device=device), 0, [], 0
+
+    def __iter__(self):
+        with self.bar:
+            for batch in self.bar:
+                yield batch
+                if stopping():
+                    break
+        self.check()
+
+    def add(self, loss, logits, labels):
+        self.sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()])
+        self.seen += len(labels)
+        self.losses.append(loss.detach())
+        if len(self.losses) - self.checked == SYNC_EVERY:
+            self.check()
+
+    def check(self):
+        for batch, value in enumerate(torch.stack(self.losses[self.checked:] or [self.sums[0]]).tolist(), 1):
+            if not math.isfinite(value):
+                raise RunError(f"training diverged: the loss became {value} at {self.desc}, batch {self.checked + batch}"
+                               ". Try a lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller; the "
+                               "completed epochs stay saved.")
+        self.checked = len(self.losses)
+        if self.seen:
+            loss, correct = self.sums.tolist()
+            self.bar.set_postfix(loss=f"{loss / self.seen:.3f}", acc=f"{correct / self.seen:.1%}")
+
+    def result(self):
+        """(mean loss, accuracy), or None when the pass was stopped before its last batch."""
+        return [total / self.seen for total in self.sums.tolist()] if len(self.losses) == self.total else None
 
 
-def load_resume(run_dir, overrides):
-    """Settings and state of an interrupted run."""
-    run_dir = Path(run_dir)
-    if overrides:
-        raise SettingError(f"--resume continues a run with its saved settings; drop "
-                           f"{', '.join(overrides)} or start a new run")
+# --- Downloads and data files: CIFAR-10, the ImageNet weights, the synthetic set of --dry-run ------------
+
+def load_cifar10(data_dir):
+    """CIFAR-10 as uint8 tensors (N, 3, 32, 32) with int64 labels, and the class names. Downloaded on the
+    first run; a complete, verified copy is only read, so it may live in a read-only folder."""
+    root, cifar = Path(data_dir), datasets.CIFAR10
+    folder, archive = root / cifar.base_folder, root / cifar.filename
+    delete = f"\n  Delete {folder} and run again to download a fresh copy."
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        # "auto" became a size on the first run's machine; keep it, wherever we resume.
-        settings = {**config["settings"], "IMAGE_SIZE": config["image_size_used"]}
-        dry_run = config["dry_run"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SettingError(f"--resume {run_dir}: no readable config.json there; "
-                           "give a run folder made by this script") from None
-    if not (run_dir / "last.pt").is_file():
-        raise SettingError(f"--resume {run_dir}: no completed epoch to resume from (no last.pt); "
-                           "start a new run")
-    return settings, dry_run, safe_load(run_dir / "last.pt")
+        for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
+            if folder.exists() and not check_integrity(str(folder / name), md5):
+                open(folder / name, "rb").close()   # a missing or unreadable file is named as such below
+                raise RunError(f"the CIFAR-10 files in {folder} are corrupted ({name} fails its md5 check).{delete}")
+        if not folder.exists():
+            print(f"data: downloading CIFAR-10 into {root} (about 170 MB, once)")
+            cifar(root, train=True, download=True)   # torchvision checks the archive's md5
+        train, test = (cifar(root, train=split) for split in (True, False))   # download=False: only reads
+    except FileNotFoundError as error:
+        raise RunError(f"the CIFAR-10 files in {folder} are incomplete ({error.filename} is missing).{delete}") from None
+    except PermissionError as error:
+        raise RunError(f"permission denied: cannot read or write {error.filename}. Fix its permissions, or set "
+                       "DATA_DIR (--data-dir) to another folder") from None
+    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
+        if archive.exists() and not check_integrity(str(archive), cifar.tgz_md5):
+            raise RunError(f"{archive} fails its md5 check (an interrupted download?), and no fresh copy could be "
+                           f"downloaded ({error}). Delete it, or replace it with a complete copy.") from None
+        raise RunError(offline_help("CIFAR-10", cifar.url, error, f"put {archive.name} in {root}, or extract it there "
+                                    f"so that {folder} holds the data_batch_* files")) from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise RunError(f"the CIFAR-10 files in {folder} cannot be read ({type(error).__name__}).{delete}") from None
+    return *[(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(),   # NHWC -> NCHW
+              torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 
 
-def write_config(run_dir, settings, cfg, dry_run, hw):
-    schedule = {str(epoch): block for epoch, block in cfg.unfreeze_schedule.items()}   # JSON keys are text
-    save_json({"run": run_dir.name, "dry_run": dry_run, "settings": {**settings, "UNFREEZE_SCHEDULE": schedule},
-               "image_size_used": cfg.image_size, "device": str(hw.device),
-               "precision": str(hw.amp_dtype or torch.float32), "torch": torch.__version__,
-               "torchvision": torchvision.__version__, "python": platform.python_version(),
-               "started": datetime.now().isoformat(timespec="seconds")}, run_dir / "config.json")
+def offline_help(what, url, error, manual):
+    return (f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n  Without internet, "
+            f"download it elsewhere and {manual}.\n  `python fine_tuning.py --dry-run` works offline.")
 
 
-def restore(state, model, optimizer, hw, stopper, cfg):
-    """Put an interrupted run back as it was after its last completed epoch. Returns (history, next epoch)."""
-    for epoch, block in sorted(cfg.unfreeze_schedule.items()):
-        if epoch <= state["epoch"]:
-            unfreeze(model, optimizer, block, cfg.backbone_lr)   # the same parameter groups, same order
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    hw.scaler.load_state_dict(state["scaler"])
-    stopper.load_state_dict(state["early_stopping"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["history"], state["epoch"] + 1
+def synthetic_cifar10(seed):
+    """CIFAR-shaped images for --dry-run: class-tinted noise, so there is something to learn."""
+    generator = torch.Generator().manual_seed(seed)
+    tints = torch.randint(0, 256, (NUM_CLASSES, 3, 1, 1), generator=generator)
+    labels = [torch.arange(n) % NUM_CLASSES for n in SYNTHETIC_SIZES]
+    return *[(((tints[y] + torch.randint(0, 256, (len(y), 3, 32, 32), generator=generator)) // 2).to(torch.uint8), y)
+             for y in labels], ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def main(argv=None):
-    options, overrides = parse_args(argv)
+def load_pretrained(model, weights):
+    """Load every weight but the old head, from ImageNet's file or a given one, after checking it."""
+    imagenet = models.ResNet18_Weights.IMAGENET1K_V1 if weights in models.ResNet18_Weights.__members__ else None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name if imagenet else None
+    print(f"model: ResNet18 with {'ImageNet weights' if imagenet else 'the weights in ' + weights}, new head")
     try:
-        return run(options, overrides)
-    except SettingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
-        if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)):
-            raise   # anything else is a bug: show its traceback
-        print("error: the GPU ran out of memory. Try a smaller --batch-size (e.g. 16) "
-              "or --image-size (e.g. 128).", file=sys.stderr)
-        return 1
+        if imagenet and not cached.exists():   # the same download, cache and hash check as resnet18(weights=...)
+            imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        state = load_checkpoint(cached or weights, "the cached ImageNet weights" if imagenet else "the file")
+        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+            raise BadFile("is not a state dict (a dict of parameter names to tensors)")
+        if wrong := [k for k in expected if k not in state and "num_batches" not in k] + [
+                k for k in state if k not in expected and not k.startswith("fc.")]:
+            raise BadFile(f"is not a ResNet18 state dict (missing or unexpected: {', '.join(wrong[:3])})")
+        for key in expected.keys() & state.keys():
+            if state[key].shape != expected[key]:
+                raise BadFile(f"does not fit ResNet18 ({key}: {tuple(state[key].shape)}, expected "
+                              f"{tuple(expected[key])})")
+            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                raise BadFile(f"holds nan or inf values in {key}")
+    except BadFile as problem:
+        if imagenet:
+            raise RunError(f"{problem}.\n  Delete that file and run again to download a fresh copy.") from None
+        raise SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {problem}") from None
+    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
+        raise RunError(offline_help("the ImageNet weights", imagenet.url, error, f"put {cached.name} in "
+                                    f"{cached.parent}, or pass its path: --weights PATH")) from None
+    except RuntimeError as error:   # the download's hash does not match
+        raise RunError(f"the download of {imagenet.url} failed its check ({error}); run again.") from None
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+
+
+# --- Devices and precision, and the exit codes ------------------------------------------------------------
+
+class Hardware:
+    """The device and what depends on it: precision, memory layout, workers, input normalisation."""
+
+    def __init__(self, cfg):
+        self.device, self.image_size, cuda = cfg.device, cfg.image_size, cfg.device.type == "cuda"
+        self.amp_dtype = choose_precision(self.device)
+        ## fp16 has a narrow range: small gradients underflow to zero unless the
+        ## loss is scaled up first. bf16 has fp32's range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # NHWC lets cuDNN use tensor-core kernels for convolutions; on the CPU it measured slower.
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        # On a 2-core CPU, workers only compete with training; on CUDA the CPU is otherwise idle.
+        self.num_workers = (2 if cuda else 0) if cfg.num_workers == "auto" else cfg.num_workers
+        self.generator_device = self.device if cuda else torch.device("cpu")
+        torch.backends.cudnn.benchmark = cuda   # fixed input sizes: time the convolution algorithms once
+        ## For --weights none we keep ImageNet's numbers too, so a comparison changes one thing only.
+        preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255
+                               for v in (preset.mean, preset.std))
+        print(f"device: {self.device}   image size: {self.image_size}px   precision: "
+              f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}")
+        if cfg.dry_run:
+            print(f"dry run: synthetic data and random weights instead of CIFAR-10 and {cfg.settings['WEIGHTS']}, "
+                  f"{DRY_RUN_BATCHES} batches per phase; every other setting as given")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def choose_precision(device):
+    """Mixed precision on CUDA: bf16 where the GPU supports it, else fp16. Full fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cli(argv=None):
+    """main() with every expected failure as a one-line message and an exit code: 0 done, 1 something
+    outside the code failed, 2 a bad setting, 130 stopped by Ctrl-C, 143 by SIGTERM."""
+    global stop_requested
+    stop_requested, handlers = 0, {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return main(argv)
+    except SystemExit as exit:   # argparse: --help, or a bad setting (2)
+        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except (SettingError, RunError) as error:
+        print(f"{'fine_tuning.py: ' * isinstance(error, SettingError)}error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, SettingError) else 1
     except KeyboardInterrupt:
         print("\ninterrupted.", file=sys.stderr)
-        return 130
-    except OSError as error:   # e.g. the disk is full
-        print(f"error: {error}", file=sys.stderr)
+        return 128 + (stop_requested or signal.SIGINT)
+    except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
+        if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)):
+            raise   # anything else is a bug: keep its traceback
+        print("error: the GPU ran out of memory. Try a smaller --batch-size (e.g. 16) or --image-size (e.g. 128).",
+              file=sys.stderr)
         return 1
-
-
-def run(options, overrides):
-    global stop_requested
-    started = time.time()
-    stop_requested = False
-
-    # --- settings ------------------------------------------------------------
-    resumed = None
-    if options.resume:
-        raw, dry_run, resumed = load_resume(options.resume, given_flags(options, overrides))
-        run_dir = Path(options.resume)
-    else:
-        raw, dry_run = {**{name: globals()[name] for name in SETTINGS}, **overrides}, options.dry_run
-    settings = check_settings(raw)
-    if dry_run:
-        settings.update(EPOCHS=2, WEIGHTS="none", UNFREEZE_SCHEDULE={})
-    cfg = SimpleNamespace(**{name.lower(): value for name, value in settings.items()})
-    device = choose_device()
-    # Fixed input sizes: cuDNN may time its convolution algorithms once and keep the fastest.
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    if cfg.image_size == "auto":
-        cfg.image_size = 224 if device.type == "cuda" else 32
-    max_batches = DRY_RUN_BATCHES if dry_run else None
-    if not resumed:
-        run_dir = new_run_dir(cfg, options.run_name, dry_run)
-    ## Normalise inputs the way the pretrained weights saw ImageNet during
-    ## their training. For --weights none we keep the same numbers, so a
-    ## comparison changes one thing only.
-    preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
-    hw = Hardware(device, cfg.image_size, preset.mean, preset.std)
-    print(f"device: {device}   image size: {cfg.image_size}px   precision: "
-          f"{str(hw.amp_dtype or torch.float32).replace('torch.', '')}"
-          f"{'   (dry run: synthetic data, random weights)' if dry_run else ''}")
-
-    # --- model (the weights file is checked before any data is downloaded) ---
-    print(f"model: ResNet18, weights {cfg.weights}, new 10-class head")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.weights)
-
-    # --- data ----------------------------------------------------------------
-    if not dry_run:
-        print(f"data: CIFAR-10 in {cfg.data_dir} (downloaded on the first run, about 170 MB)")
-    train_data, test_data, classes = (synthetic_cifar10(cfg.seed) if dry_run
-                                      else load_cifar10(cfg.data_dir))
-    train_loader, val_loader, test_loader = make_loaders(train_data, test_data, cfg, device)
-    print(f"data: {len(train_loader.dataset):,} train / {len(val_loader.dataset):,} validation / "
-          f"{len(test_loader.dataset):,} test images, {len(classes)} classes")
-
-    # --- freezing and learning rates -----------------------------------------
-    freeze(model, cfg.freeze_until)
-    model.to(device, memory_format=hw.memory_format)
-    optimizer = make_optimizer(param_groups(model, cfg.backbone_lr, cfg.head_lr), device)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta, "min" if cfg.monitor == "val_loss" else "max")
-    history, start_epoch = [], 1
-
-    # --- the run folder, or the state of the run we resume -------------------
-    if resumed:
-        try:
-            history, start_epoch = restore(resumed, model, optimizer, hw, stopper, cfg)
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise RunError(f"{run_dir / 'last.pt'} does not fit the settings in {run_dir / 'config.json'} "
-                           f"(were they edited?): {error_summary(error)}") from None
-        started -= sum(row["seconds"] for row in history)   # count the epochs already run
-        if start_epoch > cfg.epochs or stopper.should_stop:
-            results = run_dir / "results.json"
-            print(f"{run_dir} has already finished training ({len(history)} epochs): nothing to resume."
-                  + (f" Its results are in {results}." if results.exists() else ""))
-            return 0
-        print(f"resuming {run_dir} after epoch {start_epoch - 1}")
-    else:
-        run_dir.mkdir(parents=True)
-        write_config(run_dir, settings, cfg, dry_run, hw)
-        save_history(history, run_dir)   # header only; fit() rewrites it after every epoch
-    print_blocks(model, optimizer)
-
-    # --- train with early stopping -------------------------------------------
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        reason = fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history,
-                     start_epoch, run_dir, max_batches)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    print(f"\nstopped: {reason}")
-    resume_hint = f"resume with: python fine_tuning.py --resume {run_dir}"
-    if stopper.best_epoch is None:   # interrupted during the first epoch
-        print("no epoch was completed: there is nothing to test or to resume; start the run again.")
-        return 130
-
-    # --- test the best epoch's weights ---------------------------------------
-    ## The test set is used once, on the weights that early stopping chose on
-    ## the validation split. Choosing anything by test accuracy would make it a
-    ## second validation set, and the reported figure optimistic.
-    try:
-        model.load_state_dict(safe_load(run_dir / "best.pt"))
-        print(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor}) from "
-              f"{run_dir / 'best.pt'}")
-        test_loss, confusion = evaluate(model, test_loader, hw, len(classes), "test", max_batches)
-    except KeyboardInterrupt:
-        print(f"\ntest evaluation skipped.\n{resume_hint}")
-        return 130
-    finish(cfg, run_dir, history, stopper, classes, test_loss, confusion, reason, started, dry_run)
-    if reason == "interrupted":
-        print(resume_hint)
-        return 130
-    return 0
-
-
-def fit(model, optimizer, hw, train_loader, val_loader, cfg, stopper, history, start_epoch,
-        run_dir, max_batches):
-    """The epoch loop: unfreeze on schedule, train, validate, checkpoint, stop early. Returns why it ended."""
-    augment_with = torch.Generator(hw.device if hw.device.type == "cuda" else "cpu")
-    print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}{'val acc':>9}{'time':>8}")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if epoch in cfg.unfreeze_schedule:
-            released = unfreeze(model, optimizer, cfg.unfreeze_schedule[epoch], cfg.backbone_lr)
-            print(f"epoch {epoch}: unfreezing {', '.join(released)} (lr {cfg.backbone_lr:.0e})")
-        train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, 0))
-        augment_with.manual_seed(epoch_seed(cfg.seed, epoch, 1))
-        started = time.perf_counter()
-        try:
-            train_loss, train_acc, finished = train_one_epoch(
-                model, train_loader, optimizer, hw, augment_with, epoch, max_batches)
-        except Diverged as where:   # history.csv already holds every completed epoch
-            kept = (f"The best checkpoint so far (epoch {stopper.best_epoch}) is kept in "
-                    f"{run_dir / 'best.pt'}." if stopper.best_epoch else "")
-            raise RunError(f"training diverged: the loss became nan or inf at {where}. Try a lower "
-                           f"learning rate (--head-lr, --backbone-lr), e.g. 10x smaller. {kept}") from None
-        if not finished:
-            return "interrupted"
-        val_loss, confusion = evaluate(model, val_loader, hw, desc="val", max_batches=max_batches)
-        val_acc = accuracy(confusion)
-        improved = stopper.step(val_loss if cfg.monitor == "val_loss" else val_acc, epoch)
-        if improved:
-            save_torch(model.state_dict(), run_dir / "best.pt")
-        lrs = group_lrs(optimizer)
-        history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                            val_acc=val_acc, **{f"lr_{name}": lr for name, lr in lrs.items()},
-                            trainable=" ".join(lrs), seconds=round(time.perf_counter() - started, 2)))
-        # Everything needed to continue exactly from here (see --resume).
-        save_torch(dict(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scaler=hw.scaler.state_dict(), early_stopping=stopper.state_dict(),
-                        history=history, torch_rng=torch.get_rng_state()), run_dir / "last.pt")
-        save_history(history, run_dir)
-        print(f"{epoch:>5}{train_loss:>12.4f}{train_acc:>11.2%}{val_loss:>10.4f}{val_acc:>9.2%}"
-              f"{history[-1]['seconds']:>7.1f}s{'  * best' if improved else ''}", flush=True)
-        if stop_requested:
-            return "interrupted"
-        if stopper.should_stop:
-            return (f"early stopping: {cfg.monitor} did not improve on epoch {stopper.best_epoch} "
-                    f"by at least {cfg.min_delta:g} for {stopper.bad_epochs} epoch(s) "
-                    f"(PATIENCE = {cfg.patience})")
-    return f"all epochs ran (EPOCHS = {cfg.epochs})"
-
-
-def finish(cfg, run_dir, history, stopper, classes, test_loss, confusion, reason, started, dry_run):
-    """Print and save the test results, the curves and the comparison with earlier runs."""
-    test_acc = accuracy(confusion)
-    best = next(row for row in history if row["epoch"] == stopper.best_epoch)
-    minutes = (time.time() - started) / 60
-    print(f"\ntest loss {test_loss:.4f}   test accuracy {test_acc:.2%}   "
-          f"(best epoch {stopper.best_epoch}: val acc {best['val_acc']:.2%})")
-    print_report(confusion, classes)
-    save_json(dict(test_loss=test_loss, test_acc=test_acc,
-                   per_class_acc=per_class_accuracy(confusion, classes), classes=classes,
-                   confusion_matrix=confusion.tolist(), best_epoch=stopper.best_epoch,
-                   best_val_acc=best["val_acc"], epochs_run=history[-1]["epoch"],
-                   stop_reason=reason, wall_time_s=round(minutes * 60, 1)), run_dir / "results.json")
-    curves = plot_curves(history, stopper.best_epoch, cfg.unfreeze_schedule, run_dir / "curves.png")
-    if dry_run or reason == "interrupted":
-        print(f"\n({'dry run' if dry_run else 'interrupted run'}: not added to summary.csv)")
-    else:
-        weights = cfg.weights if cfg.weights in ("none", "IMAGENET1K_V1") else Path(cfg.weights).name
-        rows = update_summary(cfg.output_dir, dict(
-            run=run_dir.name, freeze_until=cfg.freeze_until, backbone_lr=cfg.backbone_lr,
-            head_lr=cfg.head_lr, image_size=cfg.image_size, weights=weights,
-            unfreeze_schedule=schedule_text(cfg.unfreeze_schedule), best_val_acc=round(best["val_acc"], 4),
-            test_acc=round(test_acc, 4), epochs=history[-1]["epoch"], minutes=round(minutes, 2)))
-        print_comparison(rows)
-    print(f"\nfiles in {run_dir}: config.json history.csv best.pt last.pt results.json"
-          f"{' curves.png' if curves else ''}")
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
