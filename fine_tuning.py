@@ -390,7 +390,7 @@ SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZ
             "EPOCHS BACKBONE_LR LAYER_LR_DECAY HEAD_LR MONITOR PATIENCE MIN_DELTA NUM_WORKERS OUTPUT_DIR").split()
 CIFAR10_TRAIN_IMAGES = 50_000   # known before any download, so the split is checked first
 SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-tinted noise
-DRY_RUN_BATCHES = 4             # --dry-run: batches per phase (train, validation, test)
+DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
 SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable", "seconds"]
 stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
@@ -1033,7 +1033,7 @@ class Hardware:
         print(f"device: {self.device}   image size: {self.image_size}px   precision: "
               f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}")
         if cfg.dry_run:
-            print(f"dry run: synthetic data and random weights instead of CIFAR-10 and {cfg.settings['WEIGHTS']}, "
+            print(f"dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = {cfg.settings['WEIGHTS']}), "
                   f"{DRY_RUN_BATCHES} batches per phase; every other setting as given")
 
     def autocast(self):

@@ -1,4 +1,4 @@
-"""In-process building blocks for tests that call fine_tuning.py's functions directly."""
+"""In-process building blocks for the tests that call fine_tuning.py's functions directly."""
 from types import SimpleNamespace
 
 import torch
@@ -6,34 +6,24 @@ import torch
 import fine_tuning as ft
 
 
-def cfg_from_constants(**changes):
-    """The script's settings as run() sees them: the constants, checked, with `changes` applied."""
-    settings = ft.check_settings({name: getattr(ft, name) for name in ft.SETTINGS})
-    return SimpleNamespace(**{**{name.lower(): value for name, value in settings.items()}, **changes})
+def settings(*args):
+    """The settings as main() sees them: the constants, checked by the real parser, with flags applied."""
+    return ft.parse_settings(["--image-size", "32", "--weights", "none", *map(str, args)])
 
 
-def small_cfg(**changes):
-    return cfg_from_constants(**{"image_size": 32, "batch_size": 16, "weights": "none", **changes})
-
-
-def use_synthetic_data(monkeypatch, n_train=200, n_test=40):
-    """Make the script load a small synthetic CIFAR-10 instead of the real files (for in-process runs)."""
-    monkeypatch.setattr(ft, "load_cifar10", lambda data_dir: ft.synthetic_cifar10(0, n_train, n_test))
-
-
-def small_setup(freeze_until="layer2", n_train=200, **changes):
-    """A ResNet18 (random weights), frozen as asked, with its optimizer and loaders on the CPU."""
-    cfg = small_cfg(freeze_until=freeze_until, **changes)
-    device = torch.device("cpu")
+def small_setup(*args, n_train=200):
+    """A ResNet18 (random weights), frozen as the settings say, with its optimizer and loaders on the CPU."""
+    cfg = settings("--batch-size", "16", *args)
+    hw = ft.Hardware(cfg)
     torch.manual_seed(cfg.seed)
     model = ft.build_model("none")
-    ft.freeze(model, freeze_until)
-    optimizer = ft.make_optimizer(ft.param_groups(model, cfg.backbone_lr, cfg.head_lr), device)
-    hw = ft.Hardware(device, 32, [0.5] * 3, [0.25] * 3)
-    train_data, test_data, classes = ft.synthetic_cifar10(0, n_train=n_train, n_test=40)
-    loaders = ft.make_loaders(train_data, test_data, cfg, device)
-    return SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, hw=hw, loaders=loaders,
-                           classes=classes)
+    ft.freeze(model, cfg.freeze_until)
+    optimizer = ft.make_optimizer(ft.param_groups(model, cfg), hw.device)
+    images, labels = ft.synthetic_cifar10(0)[0]
+    train_idx, val_idx = ft.stratified_split(labels[:n_train], cfg.val_fraction, cfg.seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[train_idx], labels[train_idx]), cfg.batch_size,
+                                         sampler=torch.utils.data.RandomSampler(train_idx, generator=torch.Generator()))
+    return SimpleNamespace(cfg=cfg, hw=hw, model=model, optimizer=optimizer, loader=loader)
 
 
 def snapshot(module):
@@ -42,7 +32,6 @@ def snapshot(module):
 
 
 def train_epochs(setup, epochs=1, max_batches=3, start=1):
-    generator = torch.Generator().manual_seed(0)
+    setup.cfg.max_batches = max_batches
     for epoch in range(start, start + epochs):
-        ft.train_one_epoch(setup.model, setup.loaders[0], setup.optimizer, setup.hw, generator,
-                           epoch, max_batches)
+        ft.train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.hw, epoch, setup.cfg)

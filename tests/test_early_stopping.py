@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fine_tuning as ft
-from conftest import load_model_state
-from helpers import snapshot, use_synthetic_data
+from conftest import load_state, run
+from helpers import snapshot
 
 
 def test_stops_after_patience_epochs_without_an_improvement_of_min_delta():
@@ -14,8 +14,7 @@ def test_stops_after_patience_epochs_without_an_improvement_of_min_delta():
     assert stopper.step(1.0, 1) and stopper.step(0.9, 2)
     assert not stopper.step(0.895, 3)          # better, but by less than min_delta: not an improvement
     assert not stopper.should_stop
-    assert not stopper.step(0.95, 4)
-    assert not stopper.should_stop
+    assert not stopper.step(0.95, 4) and not stopper.should_stop
     assert not stopper.step(0.90, 5)
     assert stopper.should_stop and stopper.best_epoch == 2 and stopper.best == 0.9
 
@@ -38,22 +37,12 @@ def test_patience_zero_stops_at_the_first_epoch_without_improvement():
     assert stopper.should_stop
 
 
-def test_state_round_trips_for_resume():
-    stopper = ft.EarlyStopping(3, 0.0)
-    stopper.step(1.0, 1), stopper.step(2.0, 2)
-    copy = ft.EarlyStopping(3, 0.0)
-    copy.load_state_dict(stopper.state_dict())
-    assert copy.state_dict() == stopper.state_dict() == {"best": 1.0, "best_epoch": 1, "bad_epochs": 1}
-
-
 def test_run_stops_early_and_tests_the_best_epochs_weights(monkeypatch, tmp_path, capsys):
-    use_synthetic_data(monkeypatch)
     val_losses = iter([1.0, 0.5, 0.6, 0.55, 0.7, 0.4, 0.3])   # best at epoch 2; 3 bad epochs follow
-    states = {}
-    real_evaluate = ft.evaluate
+    states, real_evaluate = {}, ft.evaluate
 
-    def scripted_evaluate(model, loader, hw, num_classes=10, desc="val", max_batches=None):
-        loss, confusion = real_evaluate(model, loader, hw, num_classes, desc, max_batches)
+    def scripted_evaluate(model, loader, hw, cfg, desc):
+        loss, confusion = real_evaluate(model, loader, hw, cfg, desc)
         if desc == "test":
             states["tested"] = snapshot(model)
             return loss, confusion
@@ -61,14 +50,14 @@ def test_run_stops_early_and_tests_the_best_epochs_weights(monkeypatch, tmp_path
         return next(val_losses), confusion
 
     monkeypatch.setattr(ft, "evaluate", scripted_evaluate)
-    code = ft.main(["--weights", "none", "--image-size", "32", "--batch-size", "32", "--epochs", "7",
-                    "--patience", "3", "--output-dir", str(tmp_path), "--run-name", "es"])
-    out = capsys.readouterr().out
-    assert code == 0
+    monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
+    code, out, err = run(capsys, "--dry-run", "--epochs", "7", "--patience", "3", "--output-dir", tmp_path,
+                         "--run-name", "es")
+    assert code == 0, err
     assert ("stopped: early stopping: val_loss did not improve on epoch 2 by at least 0.001 "
             "for 3 epoch(s) (PATIENCE = 3)") in out
     assert sorted(k for k in states if k != "tested") == [1, 2, 3, 4, 5]    # epochs 6 and 7 never ran
-    best = load_model_state(tmp_path / "es" / "best.pt")
+    best = load_state(tmp_path / "es" / "best.pt")
     for name, value in states[2].items():
         assert torch.equal(best[name], value), name
         assert torch.equal(states["tested"][name], value), name
