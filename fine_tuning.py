@@ -815,7 +815,7 @@ def curves(history, best_epoch, plan, title):
     try:
         from matplotlib.figure import Figure   # no pyplot: works without a display
     except ImportError:
-        return print("(curves.png skipped: matplotlib is not installed -- `pip install matplotlib` to get it)")
+        return print("(no curves.png: matplotlib is not installed; `pip install matplotlib` adds it)")
     figure = Figure(figsize=(10, 4), layout="constrained")
     for axis, metric, label in zip(figure.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"]):
         for split, name in [("train", "train"), ("val", "validation")]:
@@ -833,7 +833,7 @@ def print_comparison(rows, limit=8):
     """The last runs of summary.csv, then what changed since the run before this one, and the effect."""
     def cell(row, key, spec, width):
         with contextlib.suppress(TypeError, ValueError):
-            return format(format(float(row[key]), spec) if spec else Path(row[key]).name[:width - 1], f">{width}")
+            return format(format(float(row.get(key)), spec) if spec else Path(row.get(key)).name[:width - 1], f">{width}")
         return " " * width   # a row written by an older version of the script
     print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):\n{'run':<22}{'freeze':>7}"
           f"{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}")
@@ -843,9 +843,10 @@ def print_comparison(rows, limit=8):
             ("best_val_acc", ".1%", 8), ("test_acc", ".1%", 9), ("epochs_run", ".0f", 4), ("minutes", ".1f", 6)]))
     before, now = rows[-2:] if len(rows) > 1 else ({}, {})
     with contextlib.suppress(TypeError, ValueError, KeyError, ZeroDivisionError):
-        changed = [f"{name} {before[name]} -> {now[name]}" for name in SETTINGS
-                   if before.get(name) not in (None, "") and str(before[name]) != str(now[name])]
-        print(f"vs {before['run']} ({', '.join(changed) or 'same settings'}): test accuracy "
+        known = [name for name in SETTINGS if before.get(name) not in (None, "")]   # none: an older version's row
+        changed = [f"{name} {before[name]} -> {now[name]}" for name in known if str(before[name]) != str(now[name])]
+        print(f"vs {before['run']} ({', '.join(changed) or ('same settings' if known else 'settings unknown')}): "
+              f"test accuracy "
               f"{100 * (float(now['test_acc']) - float(before['test_acc'])):+.1f} points, "
               f"{float(now['minutes']) / float(before['minutes']):.1f}x the minutes")
 

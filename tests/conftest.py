@@ -33,14 +33,15 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib"] or ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)   # `import matplotlib` now raises ImportError
 
 
 @pytest.fixture
 def with_matplotlib(monkeypatch):
-    pytest.importorskip("matplotlib", reason="matplotlib is optional")   # noqa: the fixture above hid it
-    monkeypatch.delitem(sys.modules, "matplotlib")
-    import matplotlib  # noqa: F401
+    for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib" and sys.modules[m] is None]:
+        monkeypatch.delitem(sys.modules, name)   # hidden by `offline`
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
 
 
 @pytest.fixture(scope="session")
