@@ -54,6 +54,7 @@ import signal
 import sys
 import time
 import urllib.error
+import warnings
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -505,8 +506,9 @@ def settings_parser():
         "where run folders are written")
     parser.add_argument("--dry-run", action="store_true", help="check your install offline in seconds: synthetic "
                         f"data and random weights, {DRY_RUN_BATCHES} batches per phase; every setting kept")
-    parser.add_argument("--run-name", type=checked(str, re.compile(r"\w[\w.+=-]*").fullmatch, "a folder name of "
-                        "letters, digits and ._+=-"), help="name of the run folder (default: time and settings)")
+    parser.add_argument("--run-name", type=checked(str, lambda name: re.fullmatch(r"\w[\w.+=-]*", name) and name !=
+                        "summary.csv", "a folder name of letters, digits and ._+=-, not summary.csv"),
+                        help="name of the run folder (default: time and settings)")
     parser.add_argument("--resume", metavar="RUN_DIR", type=checked(folder, lambda p: (p / "config.json").is_file(),
                         "a run folder made by this script"), help="continue an interrupted run")
     return parser
@@ -622,9 +624,11 @@ def add_to_summary(output_dir, row):
 def load_checkpoint(path, what):
     """torch.load that accepts only tensors and plain containers, never code; a clear error otherwise."""
     try:
-        ## weights_only=True refuses pickled Python objects: unpickling an
-        ## untrusted file could otherwise run arbitrary code on your machine.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns of TorchScript files; the error below says more
+            warnings.simplefilter("ignore")
+            ## weights_only=True refuses pickled Python objects: unpickling an
+            ## untrusted file could otherwise run arbitrary code on your machine.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
         raise BadFile(f"{what} {path} cannot be read ({error.strerror or error})") from None
     except Exception as error:

@@ -1,0 +1,190 @@
+"""Every write is atomic; a full disk, a diverging loss or two runs at once never lose work or mislead."""
+import csv
+import errno
+import json
+import multiprocessing
+import signal
+
+import pytest
+import torch
+
+import fine_tuning as ft
+from conftest import load_state, run
+
+
+def dry(tmp_path, *extra):
+    return ["--dry-run", "--epochs", "3", "--patience", "9", "--output-dir", tmp_path, *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_batch_per_phase(monkeypatch):
+    monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    ft.save(path, {"w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash_halfway(obj, file):
+        real_save(obj, file)
+        file.truncate(10)                                        # half-written...
+        raise OSError(errno.EIO, "Input/output error")           # ...and then the crash
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(ft.RunError, match="could not write .*best.pt: Input/output error"):
+        ft.save(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(load_state(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]   # no temporary file left behind
+
+
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+SHORT_WRITE = RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed, unexpected pos 64")   # what torch.save says on a full disk
+
+
+@pytest.mark.parametrize("victim,failure", [("last.pt", NO_SPACE), ("last.pt", SHORT_WRITE), ("best.pt", SHORT_WRITE),
+                                            ("history.csv", NO_SPACE)])
+def test_a_full_disk_gives_one_line_keeps_the_last_completed_epoch_and_the_run_resumes(failure, victim, tmp_path,
+                                                                                     capsys, monkeypatch):
+    real_save, real_torch_save, real_writer, writes = ft.save, torch.save, csv.DictWriter, []
+
+    def disk_fills_in_epoch_2(path, content):
+        writes.append(path.name)
+        if path.name == victim and writes.count("last.pt") == 2:       # epoch 2's save
+            if path.suffix == ".pt":
+                monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(failure))
+            else:
+                monkeypatch.setattr(ft.csv, "DictWriter", lambda *a, **k: (_ for _ in ()).throw(failure))
+        try:
+            return real_save(path, content)
+        finally:
+            monkeypatch.setattr(torch, "save", real_torch_save)
+            monkeypatch.setattr(ft.csv, "DictWriter", real_writer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "save", disk_fills_in_epoch_2)
+        code, _, err = run(capsys, *dry(tmp_path, "--run-name", "full"))
+    run_dir = tmp_path / "full"
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == (f"error: the disk is full: could not write {victim} in {run_dir}; files saved before are "
+                           "intact. Free some space, then run again (or --resume RUN_DIR)")
+    assert not list(run_dir.glob(".*"))
+    saved = load_state(run_dir / "last.pt")["epoch"]
+    assert saved == (1 if victim == "last.pt" else 2)                   # a completed epoch is never lost
+    code, out, err = run(capsys, "--resume", run_dir)
+    assert code == 0 and f"after epoch {saved}" in out, err
+    rows = list(csv.DictReader((run_dir / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    best = json.loads((run_dir / "results.json").read_text())["best_epoch"]
+    assert load_state(run_dir / "best.pt").keys() and best in (1, 2, 3)
+
+
+def test_a_full_disk_when_the_run_folder_is_made_or_summary_csv_is_written_is_named(tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(ft.Path, "mkdir", lambda *args, **kwargs: (_ for _ in ()).throw(NO_SPACE))
+        code, _, err = run(capsys, *dry(tmp_path / "new", "--run-name", "x"))
+    assert code == 1 and err.startswith(f"error: the disk is full: could not write x in {tmp_path / 'new'}")
+    monkeypatch.setattr(torch, "save", lambda *args: None)
+    monkeypatch.setattr(ft.os, "fsync", lambda handle: (_ for _ in ()).throw(NO_SPACE))
+    with pytest.raises(ft.RunError, match=f"the disk is full: could not write summary.csv in {tmp_path}"):
+        ft.add_to_summary(tmp_path, {"run": "a"})
+    assert not list(tmp_path.glob(".summary.csv*"))
+
+
+def diverge_on_validation(monkeypatch):
+    """A model that is fine while it trains and gives nan when evaluated (a validation pass runs in inference mode)."""
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: forward(self, x) * (
+        float("nan") if torch.is_inference_mode_enabled() else 1.0))
+
+
+def test_a_non_finite_validation_loss_is_divergence_not_a_best_epoch(tmp_path, capsys, monkeypatch):
+    diverge_on_validation(monkeypatch)
+    code, out, err = run(capsys, *dry(tmp_path, "--run-name", "nan"))
+    assert code == 1 and "Traceback" not in err
+    assert "training diverged: the loss became nan at epoch 1 val, batch 1" in err
+    assert "* best" not in out and not (tmp_path / "nan" / "best.pt").exists()
+    assert not (tmp_path / "summary.csv").exists() and not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_a_huge_learning_rate_stops_with_a_nan_message_at_its_batch(tmp_path, capsys):
+    code, _, err = run(capsys, *dry(tmp_path, "--head-lr", "1e30", "--backbone-lr", "1e30", "--run-name", "nan"))
+    assert code == 1 and "training diverged: the loss became" in err and "lower learning rate" in err
+    assert (tmp_path / "nan" / "history.csv").exists()
+
+
+def test_nan_is_reported_at_the_exact_batch_even_between_device_syncs(monkeypatch):
+    from helpers import small_setup
+    setup = small_setup("--batch-size", "4", n_train=60)     # 13 batches: all inside one SYNC_EVERY window
+    calls, forward = {"n": 0}, setup.model.forward
+
+    def poisoned(x):
+        calls["n"] += 1
+        return forward(x) * float("nan") if calls["n"] == 7 else forward(x)
+
+    monkeypatch.setattr(setup.model, "forward", poisoned)
+    with pytest.raises(ft.RunError, match="the loss became nan at epoch 3, batch 7"):
+        ft.train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.hw, 3, setup.cfg)
+    assert ft.SYNC_EVERY > 7
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)")])
+def test_gpu_out_of_memory_suggests_a_smaller_batch_or_image(error, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ft, "train_one_epoch", lambda *args: (_ for _ in ()).throw(error))
+    code, _, err = run(capsys, *dry(tmp_path))
+    assert code == 1 and "ran out of memory" in err and "--batch-size" in err and "--image-size" in err
+
+
+def test_other_runtime_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr(ft, "train_one_epoch", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        ft.cli([str(a) for a in dry(tmp_path)])
+
+
+def add_rows(output_dir, worker, count):
+    for i in range(count):
+        ft.add_to_summary(output_dir, {"run": f"{worker}-{i}", "test_acc": 0.5, "minutes": 1})
+
+
+def test_concurrent_runs_never_lose_a_summary_row(tmp_path):
+    processes = [multiprocessing.get_context("fork").Process(target=add_rows, args=(tmp_path, w, 150)) for w in "ab"]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert sorted(row["run"] for row in rows) == sorted(f"{w}-{i}" for w in "ab" for i in range(150))
+
+
+def make_folder(queue, cfg):
+    queue.put(str(ft.new_run_dir(cfg)))
+
+
+def test_two_runs_started_in_the_same_second_both_get_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(ft.time, "strftime", lambda text: "1128-093012_")   # the same second for everyone
+    cfg = ft.parse_settings(["--output-dir", str(tmp_path)])
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=make_folder, args=(queue, cfg)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    folders = sorted(queue.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(60)
+    stem = "1128-093012_layer2_1e-04_1e-03_32px"
+    assert [ft.Path(f).name for f in folders] == [stem, f"{stem}-2", f"{stem}-3", f"{stem}-4"]
+
+
+def test_a_run_name_that_is_a_file_the_script_writes_is_refused(tmp_path, capsys):
+    code, _, err = run(capsys, "--run-name", "summary.csv", "--output-dir", tmp_path)
+    assert code == 2 and "not summary.csv" in err
+
+
+def test_sigterm_outside_training_stops_at_once_with_exit_143(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ft, "load_data", lambda cfg, hw: ft.on_stop_signal(signal.SIGTERM, None))
+    code, _, err = run(capsys, *dry(tmp_path))
+    assert code == 143 and "interrupted" in err and "Traceback" not in err
