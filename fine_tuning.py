@@ -392,6 +392,7 @@ SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZ
 CIFAR10_TRAIN_IMAGES = 50_000   # known before any download, so the split is checked first
 SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-tinted noise
 DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
+DRY_RUN_EPOCHS = 3              # --dry-run: epochs, unless --epochs is given or the schedule needs more
 SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable", "seconds"]
 stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
@@ -505,7 +506,8 @@ def settings_parser():
     add("OUTPUT_DIR", checked(lambda text: folder(text, writable=True), bool, "a folder you can write to"),
         "where run folders are written")
     parser.add_argument("--dry-run", action="store_true", help="check your install offline in seconds: synthetic "
-                        f"data and random weights, {DRY_RUN_BATCHES} batches per phase; every setting kept")
+                        f"data and random weights, {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless --epochs is "
+                        "given; every other setting kept")
     parser.add_argument("--run-name", type=checked(str, lambda name: re.fullmatch(r"\w[\w.+=-]*", name) and name !=
                         "summary.csv", "a folder name of letters, digits and ._+=-, not summary.csv"),
                         help="name of the run folder (default: time and settings)")
@@ -535,6 +537,8 @@ def parse_settings(argv=None):
         check_together(cfg)
     except SettingError as error:
         parser.error(str(error))
+    if cfg.dry_run and not any(a.startswith("--epochs") for a in argv):   # enough to reach the schedule
+        cfg.epochs = cfg.settings["EPOCHS"] = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
     if cfg.dry_run or cfg.resume:
         cfg.weights = "none"   # random weights; a resumed run loads its own from last.pt
     return cfg
@@ -1039,7 +1043,8 @@ class Hardware:
               f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}")
         if cfg.dry_run:
             print(f"dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = {cfg.settings['WEIGHTS']}), "
-                  f"{DRY_RUN_BATCHES} batches per phase; every other setting as given")
+                  f"{DRY_RUN_BATCHES} batches per phase, EPOCHS = {cfg.epochs} unless --epochs is given; every other "
+                  "setting as given")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -27,11 +27,11 @@ def test_pretrained_backbone_weights_are_loaded_from_the_hub_cache(torch_home, m
 
 def test_dry_run_works_offline_and_keeps_every_setting(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
-    code, out, err = run(capsys, "--dry-run", "--epochs", "2", "--freeze-until", "layer3", "--output-dir", tmp_path)
+    code, out, err = run(capsys, "--dry-run", "--freeze-until", "layer3", "--patience", "0", "--output-dir", tmp_path)
     assert code == 0, err
     assert ("dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = IMAGENET1K_V1), 1 batches "
-            "per phase; every other setting as given") in out
-    assert "layer3  frozen" in out and "stopped: all epochs ran (EPOCHS = 2)" in out
+            "per phase, EPOCHS = 3 unless --epochs is given; every other setting as given") in out
+    assert "layer3  frozen" in out and "(PATIENCE = 0)" in out or "stopped: all epochs ran (EPOCHS = 3)" in out
     run_dir = next(tmp_path.iterdir())
     assert run_dir.name.endswith("_dry-run")
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "history.csv", "results.json"]
