@@ -1,0 +1,32 @@
+"""The README's transcript of a dry run is what the code prints, numbers and elided lines aside."""
+import re
+
+import fine_tuning as ft
+from conftest import ROOT, run
+
+
+def transcript():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## What a run prints"):]
+    return section.split("```\n")[1].splitlines()
+
+
+def shape(line):
+    """A line with its numbers (and the widths they take) left out."""
+    return " ".join(re.sub(r"\d+(?:[.,:]\d+)*", "#", line).split())
+
+
+def test_the_readme_transcript_is_what_a_dry_run_prints(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                       # the transcript shows the default, relative runs/ folder
+    code, out, err = run(capsys, "--dry-run")
+    assert code == 0, err
+    printed = [shape(line) for line in out.splitlines()]
+    at = 0
+    chunks = "\n".join(transcript()).split("\n...\n")
+    assert len(chunks) >= 3
+    for chunk in chunks:
+        wanted = [shape(line) for line in chunk.splitlines()]
+        starts = [i for i in range(at, len(printed)) if printed[i:i + len(wanted)] == wanted]
+        assert starts, f"not printed, in this order and together:\n{chunk}\n--- printed:\n{out}"
+        at = starts[0] + len(wanted)
+    assert "runs/" in out and "_dry-run" in out
