@@ -409,10 +409,6 @@ class RunError(Exception):
     """Something outside the code went wrong (download, files, divergence): exit code 1."""
 
 
-class BadFile(RunError):
-    """A file that torch.load refuses, or that holds something other than it should."""
-
-
 # --- The command line: the constants are its defaults, so one path checks both ----------------------------
 
 def flag(name):
@@ -431,8 +427,12 @@ def checked(kind, test, expected, word=None):
     return parse
 
 
+def one_of(*choices):   # argparse checks choices= for typed flags only, not for defaults: this checks both
+    return checked(lambda text: text.strip().lower(), lambda value: value in choices, "one of " + ", ".join(choices))
+
+
 def folder(text, writable=False):
-    """A folder's path, or None: empty, 'none', a file, or (when it must be writable) a read-only place."""
+    """A folder's path; None when empty, 'none', a file, or not writable where it must be."""
     path = Path(text.strip()).expanduser()
     nearest = next(p for p in [path, *path.absolute().parents] if p.exists())
     ok = text.strip().lower() not in ("", "none") and not path.is_file()
@@ -453,20 +453,16 @@ def schedule(text):
     """'5:layer2,10:layer1', or a dict's text {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}; None if malformed."""
     pairs = [p.partition(":") for p in "".join(c for c in text if c not in "{}'\" ").lower().split(",") if p]
     plan = {int(epoch): block for epoch, _, block in pairs if epoch.isdigit() and block in BLOCKS[:-1]}
-    return plan if len(plan) == len(pairs) or text.strip().lower() == "none" else None
+    return plan if len(plan) == len(pairs) and text.strip() != "None" or text.strip() == "none" else None
 
 
 def constant_text(name):
     """A constant as the text a flag would give, so argparse checks both the same way."""
-    value = globals().get(name, SettingError)
-    if name == "UNFREEZE_SCHEDULE" and isinstance(value, dict):
-        return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none"
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    if value is SettingError:
+    if name not in globals():
         raise SettingError(f"{name} is missing from the settings at the top of fine_tuning.py (commented out?)")
-    expected = "a dict such as {5: 'layer2'}" if name == "UNFREEZE_SCHEDULE" else "a number or a text"
-    raise SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: expected {expected}")
+    value = globals()[name]
+    return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none" if isinstance(value, dict) else (
+        repr(value) if isinstance(value, (bool, list, set, tuple, type(None))) else str(value))
 
 
 def settings_parser():
@@ -489,7 +485,7 @@ def settings_parser():
     add("IMAGE_SIZE", checked(int, lambda n: 32 <= n <= 512, "a whole number from 32 to 512 (CIFAR has 32 pixels, "
                               "ImageNet about 224)", "auto"), "pixels fed to the model; auto: 224 on CUDA, else 32")
     add("WEIGHTS", weights_choice, "IMAGENET1K_V1, none (random init), or a ResNet18 state-dict file")
-    add("FREEZE_UNTIL", str.lower, "last frozen block: %(choices)s", choices=["none", *BLOCKS[:-1]])
+    add("FREEZE_UNTIL", one_of("none", *BLOCKS[:-1]), "last frozen block: %(choices)s", choices=["none", *BLOCKS[:-1]])
     add("UNFREEZE_SCHEDULE", checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 5:layer2,"
                                      "10:layer1, each epoch once, blocks from stem to layer4"), "gradual unfreezing")
     add("BATCH_SIZE", checked(int, lambda n: n >= 2, whole + "2 (BatchNorm in train mode needs 2 or more images "
@@ -499,15 +495,16 @@ def settings_parser():
     add("LAYER_LR_DECAY", checked(float, lambda x: 0 < x <= 1, "a number in (0, 1], e.g. 0.5"),
         "each block below layer4 learns at this times the rate of the block above")
     add("HEAD_LR", checked(float, positive, "a positive number, e.g. 1e-3"), "the new head's learning rate")
-    add("MONITOR", str.lower, "what early stopping watches: %(choices)s", choices=["val_loss", "val_acc"])
+    add("MONITOR", one_of("val_loss", "val_acc"), "what early stopping watches: %(choices)s",
+        choices=["val_loss", "val_acc"])
     add("PATIENCE", checked(int, lambda n: n >= 0, whole + "0"), "epochs without improvement before stopping")
     add("MIN_DELTA", checked(float, lambda x: 0 <= x < math.inf, "a number >= 0"), "smallest change that counts")
     add("NUM_WORKERS", checked(int, lambda n: n >= 0, whole + "0", "auto"), "DataLoader worker processes")
     add("OUTPUT_DIR", checked(lambda text: folder(text, writable=True), bool, "a folder you can write to"),
         "where run folders are written")
-    parser.add_argument("--dry-run", action="store_true", help="check your install offline in seconds: synthetic "
-                        f"data and random weights, {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless --epochs is "
-                        "given; every other setting kept")
+    parser.add_argument("--dry-run", action="store_true", help=f"check your install offline in seconds: synthetic "
+                        f"data, random weights, {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless "
+                        "--epochs is given; every other setting kept")
     parser.add_argument("--run-name", type=checked(str, lambda name: re.fullmatch(r"\w[\w.+=-]*", name) and name !=
                         "summary.csv", "a folder name of letters, digits and ._+=-, not summary.csv"),
                         help="name of the run folder (default: time and settings)")
@@ -530,16 +527,16 @@ def parse_settings(argv=None):
                           max_batches=DRY_RUN_BATCHES if options.dry_run else None)
     if cfg.image_size == "auto":
         cfg.image_size = 224 if device.type == "cuda" else 32
-    cfg.settings = {name: getattr(cfg, name.lower()) for name in SETTINGS}   # as this run uses them; absolute
-    cfg.settings.update(DATA_DIR=str(cfg.data_dir.absolute()), OUTPUT_DIR=str(cfg.output_dir.absolute()),   # folders:
-                        UNFREEZE_SCHEDULE=",".join(f"{e}:{b}" for e, b in sorted(cfg.unfreeze_schedule.items())))
-    try:   # a run resumes from anywhere
+    try:
         check_together(cfg)
     except SettingError as error:
         parser.error(str(error))
     if cfg.dry_run and not any(a.startswith("--epochs") for a in argv):   # enough to reach the schedule
-        cfg.epochs = cfg.settings["EPOCHS"] = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
-    if cfg.dry_run or cfg.resume:
+        cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
+    cfg.settings = {name: getattr(cfg, name.lower()) for name in SETTINGS}   # as this run uses them, with absolute
+    cfg.settings.update(DATA_DIR=str(cfg.data_dir.absolute()), OUTPUT_DIR=str(cfg.output_dir.absolute()),   # folders:
+                        UNFREEZE_SCHEDULE=",".join(f"{e}:{b}" for e, b in sorted(cfg.unfreeze_schedule.items())))
+    if cfg.dry_run or cfg.resume:   # a run resumes from anywhere
         cfg.weights = "none"   # random weights; a resumed run loads its own from last.pt
     return cfg
 
@@ -579,10 +576,8 @@ def save(path, content):
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # one per process: concurrent runs never clash
     try:
         with open(temporary, "wb") as file:
-            if path.suffix == ".pt":
-                torch.save(content, file)
-            elif path.suffix == ".png":
-                content.savefig(file, format="png", dpi=100)
+            if path.suffix in (".pt", ".png"):
+                torch.save(content, file) if path.suffix == ".pt" else content.savefig(file, format="png", dpi=100)
             elif path.suffix == ".json":
                 file.write(json.dumps(content, indent=2).encode())
             else:
@@ -633,13 +628,13 @@ def load_checkpoint(path, what):
             ## weights_only=True refuses pickled Python objects: unpickling an
             ## untrusted file could otherwise run arbitrary code on your machine.
             return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise BadFile(f"{what} {path} cannot be read ({error.strerror or error})") from None
     except Exception as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         module, _, name = found[1].rpartition(".") if found else ("", "", "")
         kind = getattr(sys.modules.get(module), name, None)   # looked up among loaded modules, never imported
-        if "TorchScript" in str(error):
+        if isinstance(error, OSError):
+            problem = f"cannot be read ({error.strerror or error})"
+        elif "TorchScript" in str(error):
             problem = ("is a TorchScript archive (torch.jit.save), not a state dict: pass a file saved with "
                        "torch.save(model.state_dict(), path); torch.jit.load(path).state_dict() gives one")
         elif isinstance(kind, type) and issubclass(kind, nn.Module):
@@ -650,7 +645,7 @@ def load_checkpoint(path, what):
                        "Only use files you trust; to save weights, save model.state_dict()")
         else:
             problem = f"is corrupt: not a PyTorch file, or truncated ({type(error).__name__})"
-        raise BadFile(f"{what} {path} {problem}") from None
+        raise RunError(f"{what} {path} {problem}") from None
 
 
 # --- The run folder: create, resume, save each epoch, finish ----------------------------------------------
@@ -723,7 +718,7 @@ def resume_argv(run_dir, parser):
     if not (run_dir / "last.pt").is_file():
         parser.error(f"--resume {run_dir}: no completed epoch to resume from; run the same command again")
     return ([f"{flag(name)}={saved[name]}" for name in SETTINGS] + [f"--resume={run_dir}"]
-            + ["--dry-run"] * bool(config.get("dry_run")))
+            + ["--dry-run", "--epochs", str(saved["EPOCHS"])] * bool(config.get("dry_run")))
 
 
 def save_epoch(run, model, optimizer, hw, stopper, improved, row):
@@ -854,8 +849,7 @@ def print_comparison(rows, limit=8):
         known = [name for name in SETTINGS if before.get(name) not in (None, "")]   # none: an older version's row
         changed = [f"{name} {before[name]} -> {now[name]}" for name in known if str(before[name]) != str(now[name])]
         print(f"vs {before['run']} ({', '.join(changed) or ('same settings' if known else 'settings unknown')}): "
-              f"test accuracy "
-              f"{100 * (float(now['test_acc']) - float(before['test_acc'])):+.1f} points, "
+              f"test accuracy {100 * (float(now['test_acc']) - float(before['test_acc'])):+.1f} points, "
               f"{float(now['minutes']) / float(before['minutes']):.1f}x the minutes")
 
 
@@ -902,39 +896,37 @@ class Progress:
     or early when Ctrl-C or SIGTERM asked to stop."""
 
     def __init__(self, loader, desc, max_batches, device):
-        self.desc, self.total = desc, min(len(loader), max_batches or len(loader))
+        self.desc, self.total, self.losses = desc, min(len(loader), max_batches or len(loader)), []
         self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
-        self.sums, self.seen, self.losses, self.checked = torch.zeros(2, device=device), 0, [], 0
+        self.sums = torch.zeros(3, device=device)   # loss x images, correct predictions, images
 
     def __iter__(self):
         with self.bar:
-            for batch in self.bar:
+            for number, batch in enumerate(self.bar, 1):
                 yield batch
+                if number % SYNC_EVERY == 0 or number == self.total or stopping():
+                    self.check()
                 if stopping():
                     break
-        self.check()
 
     def add(self, loss, logits, labels):
-        self.sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()])
-        self.seen += len(labels)
+        self.sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), labels.new_tensor(
+            len(labels))])
         self.losses.append(loss.detach())
-        if len(self.losses) - self.checked == SYNC_EVERY:
-            self.check()
 
     def check(self):
-        for batch, value in enumerate(torch.stack(self.losses[self.checked:] or [self.sums[0]]).tolist(), 1):
-            if not math.isfinite(value):
-                raise RunError(f"training diverged: the loss became {value} at {self.desc}, batch {self.checked + batch}"
-                               ". Try a lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller; the "
-                               "completed epochs stay saved.")
-        self.checked = len(self.losses)
-        if self.seen:
-            loss, correct = self.sums.tolist()
-            self.bar.set_postfix(loss=f"{loss / self.seen:.3f}", acc=f"{correct / self.seen:.1%}")
+        losses = torch.stack(self.losses).tolist()
+        if bad := [number for number, value in enumerate(losses, 1) if not math.isfinite(value)]:
+            raise RunError(f"training diverged: the loss became {losses[bad[0] - 1]} at {self.desc}, batch {bad[0]}. "
+                           "Try a lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller; completed epochs "
+                           "stay saved.")
+        loss, correct, seen = self.sums.tolist()
+        self.bar.set_postfix(loss=f"{loss / seen:.3f}", acc=f"{correct / seen:.1%}")
 
     def result(self):
         """(mean loss, accuracy), or None when the pass was stopped before its last batch."""
-        return [total / self.seen for total in self.sums.tolist()] if len(self.losses) == self.total else None
+        loss, correct, seen = self.sums.tolist()
+        return (loss / seen, correct / seen) if len(self.losses) == self.total else None
 
 
 # --- Downloads and data files: CIFAR-10, the ImageNet weights, the synthetic set of --dry-run ------------
@@ -988,34 +980,40 @@ def synthetic_cifar10(seed):
 def load_pretrained(model, weights):
     """Load every weight but the old head, from ImageNet's file or a given one, after checking it."""
     imagenet = models.ResNet18_Weights.IMAGENET1K_V1 if weights in models.ResNet18_Weights.__members__ else None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name if imagenet else None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name if imagenet else Path(weights)
     print(f"model: ResNet18 with {'ImageNet weights' if imagenet else 'the weights in ' + weights}, new head")
-    try:
-        if imagenet and not cached.exists():   # the same download, cache and hash check as resnet18(weights=...)
+    try:   # the same download, cache and hash check as resnet18(weights=...), loaded with weights_only=True
+        if imagenet and not path.exists():
             imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
-        state = load_checkpoint(cached or weights, "the cached ImageNet weights" if imagenet else "the file")
-        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
-        if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-            raise BadFile("is not a state dict (a dict of parameter names to tensors)")
-        if wrong := [k for k in expected if k not in state and "num_batches" not in k] + [
-                k for k in state if k not in expected and not k.startswith("fc.")]:
-            raise BadFile(f"is not a ResNet18 state dict (missing or unexpected: {', '.join(wrong[:3])})")
-        for key in expected.keys() & state.keys():
-            if state[key].shape != expected[key]:
-                raise BadFile(f"does not fit ResNet18 ({key}: {tuple(state[key].shape)}, expected "
-                              f"{tuple(expected[key])})")
-            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-                raise BadFile(f"holds nan or inf values in {key}")
-    except BadFile as problem:
-        if imagenet:
-            raise RunError(f"{problem}.\n  Delete that file and run again to download a fresh copy.") from None
-        raise SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {problem}") from None
     except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
-        raise RunError(offline_help("the ImageNet weights", imagenet.url, error, f"put {cached.name} in "
-                                    f"{cached.parent}, or pass its path: --weights PATH")) from None
+        raise RunError(offline_help("the ImageNet weights", imagenet.url, error, f"put {path.name} in "
+                                    f"{path.parent}, or pass its path: --weights PATH")) from None
     except RuntimeError as error:   # the download's hash does not match
         raise RunError(f"the download of {imagenet.url} failed its check ({error}); run again.") from None
+    what = "the cached ImageNet weights" if imagenet else "the file"
+    try:
+        state = load_checkpoint(path, what)
+        if problem := state_dict_problem(model, state):
+            raise RunError(f"{what} {path} {problem}")
+    except RunError as error:
+        raise (RunError(f"{error}.\n  Delete that file and run again to download a fresh copy.") if imagenet else
+               SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {str(error)[len(what) + 1:]}")) from None
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+
+
+def state_dict_problem(model, state):
+    """What stops `state` from being ResNet18 weights with finite values, or None."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        return "is not a state dict (a dict of parameter names to tensors)"
+    if wrong := [k for k in expected if k not in state and "num_batches" not in k] + [
+            k for k in state if k not in expected and not k.startswith("fc.")]:
+        return f"is not a ResNet18 state dict (missing or unexpected: {', '.join(wrong[:3])})"
+    for key in expected.keys() & state.keys():
+        if state[key].shape != expected[key]:
+            return f"does not fit ResNet18 ({key}: {tuple(state[key].shape)}, expected {tuple(expected[key])})"
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            return f"holds nan or inf values in {key}"
 
 
 # --- Devices and precision, and the exit codes ------------------------------------------------------------

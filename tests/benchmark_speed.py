@@ -1,6 +1,6 @@
 """Training throughput of fine_tuning.py against the compute bound and a tutorial-style loop.
 
-    python tests/benchmark_speed.py [--steps 40] [--rounds 3]
+    python tests/benchmark_speed.py [--steps 40] [--rounds 3] [--image-size 224] [--other-layout]
 
 In one process, on one machine, at the script's default settings (ResNet18, FREEZE_UNTIL,
 BATCH_SIZE, IMAGE_SIZE "auto", fused Adam with the two learning rates), it measures images/s of:
@@ -40,12 +40,11 @@ from torchvision import datasets, models, transforms  # noqa: E402
 
 import fine_tuning as ft  # noqa: E402
 from fake_cifar10 import trust_test_md5, write_cifar10  # noqa: E402
-from helpers import cfg_from_constants  # noqa: E402
 
 
-def default_cfg(data_dir, device):
-    """The script's defaults, with IMAGE_SIZE "auto" resolved as run() does."""
-    return cfg_from_constants(data_dir=str(data_dir), image_size=224 if device.type == "cuda" else 32)
+def default_cfg(data_dir, image_size):
+    """The script's defaults, checked and resolved by its own parser (IMAGE_SIZE "auto" by device)."""
+    return ft.parse_settings(["--data-dir", str(data_dir), "--weights", "none", "--image-size", image_size])
 
 
 def frozen_model(cfg, device, memory_format=torch.contiguous_format):
@@ -59,29 +58,26 @@ class ScriptLoop:
     name = "script"
 
     def __init__(self, cfg, device):
-        train, test, _ = ft.load_cifar10(cfg.data_dir)
-        self.loader, self.val_loader, _ = ft.make_loaders(train, test, cfg, device)
-        self.model = frozen_model(cfg, device)
-        self.hw = ft.Hardware(device, cfg.image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        self.model.to(memory_format=self.hw.memory_format)
-        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr), device)
-        self.generator, self.epoch = torch.Generator(), 0
+        self.hw, self.cfg, self.epoch = ft.Hardware(cfg), cfg, 0
+        self.loader, self.val_loader, _, _ = ft.load_data(cfg, self.hw)
+        self.model = frozen_model(cfg, device, self.hw.memory_format)
+        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg), device)
 
     def run(self, steps):
         self.epoch += 1
-        self.loader.generator.manual_seed(self.epoch)
-        ft.train_one_epoch(self.model, self.loader, self.optimizer, self.hw, self.generator, self.epoch, steps)
+        self.cfg.max_batches = steps
+        ft.train_one_epoch(self.model, self.loader, self.optimizer, self.hw, self.epoch, self.cfg)
 
 
 class BoundLoop:
     name = "bound"
 
     def __init__(self, cfg, device, memory_format=None):
-        self.hw = ft.Hardware(device, cfg.image_size, [0.5] * 3, [0.25] * 3)
+        self.hw = ft.Hardware(cfg)
         if memory_format is not None:          # --other-layout: the layout the script does not use
             self.hw.memory_format, self.name = memory_format, f"bound-{str(memory_format)[6:]}"
         self.model = frozen_model(cfg, device, self.hw.memory_format)
-        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr), device)
+        self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg), device)
         size = cfg.image_size
         self.x = torch.randn(cfg.batch_size, 3, size, size, device=device).contiguous(
             memory_format=self.hw.memory_format)
@@ -113,7 +109,7 @@ class BaselineLoop:
         loader = DataLoader(dataset, cfg.batch_size, shuffle=True, num_workers=4, persistent_workers=True)
         self.batches = iter(self.cycle(loader))
         self.model = frozen_model(cfg, device)
-        self.optimizer = torch.optim.Adam(ft.param_groups(self.model, cfg.backbone_lr, cfg.head_lr))
+        self.optimizer = torch.optim.Adam(ft.param_groups(self.model, cfg))
         self.device = device
 
     @staticmethod
@@ -149,12 +145,13 @@ def measure(loops, steps, rounds, batch_size):
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def real_run(data_dir, md5_file, torch_home, out_dir, train_seconds):
+def real_run(data_dir, md5_file, torch_home, out_dir, train_seconds, image_size):
     """Start `python fine_tuning.py` (defaults) through the test launcher; Ctrl-C it after a while."""
     env = {**os.environ, "TORCH_HOME": str(torch_home), "FT_TEST_MD5": str(md5_file), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "launcher.py"), "--data-dir", str(data_dir),
-                                "--output-dir", str(out_dir)], stdout=subprocess.PIPE, text=True, env=env)
+                                "--output-dir", str(out_dir), "--image-size", image_size], stdout=subprocess.PIPE,
+                               text=True, env=env)
     startup = None
     for line in process.stdout:
         if line.startswith("epoch  train loss"):      # printed just before the first batch is drawn
@@ -173,10 +170,11 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="steps per loop per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-seconds", type=float, default=20, help="training time of the real run")
+    parser.add_argument("--image-size", default="auto", help="IMAGE_SIZE to measure (default: the script's auto)")
     parser.add_argument("--other-layout", action="store_true",
                         help="also time the bound in the memory layout the script does not use on this device")
     args = parser.parse_args()
-    device = ft.choose_device()
+    device = ft.parse_settings([]).device
     steps = args.steps or (200 if device.type == "cuda" else 40)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -188,14 +186,14 @@ def main():
         weights.parent.mkdir(parents=True)
         torch.save(models.resnet18().state_dict(), weights)
 
-        cfg = default_cfg(tmp / "data", device)
+        cfg = default_cfg(tmp / "data", args.image_size)
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
         print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"image size {cfg.image_size}, batch {cfg.batch_size}, freeze until {cfg.freeze_until}, "
               f"{steps} steps x {args.rounds} rounds")
         # First, while this process has no other children: ru_maxrss of children is then the script's own.
         startup, peak_mib, code = real_run(tmp / "data", tmp / "md5.json", tmp / "home", tmp / "runs",
-                                           args.train_seconds)
+                                           args.train_seconds, args.image_size)
         loops = [ScriptLoop(cfg, device), BoundLoop(cfg, device), BaselineLoop(cfg, device)]
         if args.other_layout:
             other = torch.contiguous_format if device.type == "cuda" else torch.channels_last
@@ -203,7 +201,8 @@ def main():
         rates = measure(loops, steps, args.rounds, cfg.batch_size)
         script = loops[0]
         start = time.perf_counter()
-        ft.evaluate(script.model, script.val_loader, script.hw)
+        script.cfg.max_batches = None
+        ft.evaluate(script.model, script.val_loader, script.hw, script.cfg, "val")
         validation_s = time.perf_counter() - start
 
     print(f"\n{'loop':<20}{'images/s':>10}")

@@ -78,8 +78,8 @@ def test_edited_constants_are_the_defaults_and_are_checked_like_flags(monkeypatc
 
 
 BAD = [
-    (["--freeze-until", "layer9"], "FREEZE_UNTIL (--freeze-until): invalid choice: 'layer9'", "'stem', 'layer1'"),
-    (["--freeze-until", "fc"], "FREEZE_UNTIL (--freeze-until)", "invalid choice"),
+    (["--freeze-until", "layer9"], "FREEZE_UNTIL (--freeze-until): 'layer9' is not allowed", "one of none, stem, layer1"),
+    (["--freeze-until", "fc"], "FREEZE_UNTIL (--freeze-until)", "one of none, stem"),
     (["--backbone-lr", "0"], "BACKBONE_LR (--backbone-lr): '0' is not allowed", "positive number"),
     (["--head-lr=-1e-3"], "HEAD_LR (--head-lr)", "positive number"),
     (["--head-lr", "fast"], "HEAD_LR (--head-lr): 'fast'", "positive number"),
@@ -108,7 +108,7 @@ BAD = [
     (["--weights", "/dev/null"], "WEIGHTS (--weights)", "not a regular file"),
     (["--weights", "imagenet22k"], "WEIGHTS (--weights): 'imagenet22k'", "IMAGENET1K_V1, none"),
     (["--weights", "missing/resnet.pth"], "WEIGHTS", "no such file"),
-    (["--monitor", "train_loss"], "MONITOR (--monitor): invalid choice", "'val_loss', 'val_acc'"),
+    (["--monitor", "train_loss"], "MONITOR (--monitor): 'train_loss' is not allowed", "one of val_loss, val_acc"),
     (["--num-workers", "-2"], "NUM_WORKERS", "auto or a whole number >= 0"),
     (["--data-dir", ""], "DATA_DIR (--data-dir): ''", "expected a folder"),
     (["--data-dir", "None"], "DATA_DIR", "expected a folder"),
@@ -136,16 +136,19 @@ def test_bad_setting_gets_a_clear_error_before_any_download(args, names, allowed
 
 
 @pytest.mark.parametrize("name,value,message", [
-    ("UNFREEZE_SCHEDULE", None, "UNFREEZE_SCHEDULE (--unfreeze-schedule) = None is not allowed: expected a dict"),
-    ("UNFREEZE_SCHEDULE", [5, "layer2"], "= [5, 'layer2'] is not allowed"),
-    ("UNFREEZE_SCHEDULE", {"layer2"}, "= {'layer2'} is not allowed"),
+    ("UNFREEZE_SCHEDULE", None, "UNFREEZE_SCHEDULE (--unfreeze-schedule): 'None' is not allowed: expected none, or"),
+    ("UNFREEZE_SCHEDULE", [5, "layer2"], "(--unfreeze-schedule): \"[5, 'layer2']\" is not allowed"),
+    ("UNFREEZE_SCHEDULE", {"layer2"}, "(--unfreeze-schedule): \"{'layer2'}\" is not allowed"),
     ("UNFREEZE_SCHEDULE", {"5": 3}, "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:3' is not allowed"),
     ("EPOCHS", "fifteen", "EPOCHS (--epochs): 'fifteen' is not allowed"),
-    ("EPOCHS", True, "EPOCHS (--epochs) = True is not allowed"),
-    ("HEAD_LR", None, "HEAD_LR (--head-lr) = None is not allowed"),
-    ("DATA_DIR", None, "DATA_DIR (--data-dir) = None is not allowed"),
+    ("EPOCHS", True, "EPOCHS (--epochs): 'True' is not allowed"),
+    ("PATIENCE", 2.5, "PATIENCE (--patience): '2.5' is not allowed"),
+    ("HEAD_LR", None, "HEAD_LR (--head-lr): 'None' is not allowed"),
+    ("DATA_DIR", None, "DATA_DIR (--data-dir): 'None' is not allowed"),
     ("OUTPUT_DIR", "", "OUTPUT_DIR (--output-dir): '' is not allowed"),
-    ("MONITOR", ["val_loss"], "MONITOR (--monitor) = ['val_loss'] is not allowed"),
+    ("MONITOR", ["val_loss"], "MONITOR (--monitor): \"['val_loss']\" is not allowed: expected one of val_loss"),
+    ("FREEZE_UNTIL", "layer9", "FREEZE_UNTIL (--freeze-until): 'layer9' is not allowed: expected one of none, stem"),
+    ("FREEZE_UNTIL", ("layer2",), "FREEZE_UNTIL (--freeze-until): \"('layer2',)\" is not allowed"),
 ])
 def test_a_constant_of_the_wrong_type_gets_the_same_one_line_error(name, value, message, monkeypatch, capsys):
     monkeypatch.setattr(ft, name, value)
