@@ -420,7 +420,7 @@ def checked(kind, test, expected, word=None):
     def parse(text):
         if word and text.strip().lower() == word:
             return word
-        with contextlib.suppress(ValueError, OverflowError):
+        with contextlib.suppress(ValueError, OverflowError, OSError):
             if (value := kind(text)) is not None and test(value):
                 return value
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {word + ' or ' if word else ''}{expected}")
@@ -443,17 +443,21 @@ def weights_choice(text):
     name, path = text.strip(), Path(text.strip()).expanduser()
     if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:   # DEFAULT: IMAGENET1K_V1
         return "none" if name.lower() == "none" else models.ResNet18_Weights[name.upper()].name
-    if path.is_file():
-        return str(path.absolute())
-    raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 state-"
-                                     f"dict file ({'not a regular file' if path.exists() else 'no such file'})")
+    try:
+        problem = None if path.is_file() else "not a regular file" if path.exists() else "no such file"
+    except OSError as error:   # e.g. in a folder we may not read
+        problem = error.strerror
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 "
+                                         f"state-dict file ({problem})")
+    return str(path.absolute())
 
 
 def schedule(text):
     """'5:layer2,10:layer1', or a dict's text {5: 'layer2'} -> {5: 'layer2', 10: 'layer1'}; None if malformed."""
     pairs = [p.partition(":") for p in "".join(c for c in text if c not in "{}'\" ").lower().split(",") if p]
     plan = {int(epoch): block for epoch, _, block in pairs if epoch.isdigit() and block in BLOCKS[:-1]}
-    return plan if len(plan) == len(pairs) and text.strip() != "None" or text.strip() == "none" else None
+    return plan if len(plan) == len(pairs) or text.strip() == "none" else None
 
 
 def constant_text(name):
@@ -461,8 +465,12 @@ def constant_text(name):
     if name not in globals():
         raise SettingError(f"{name} is missing from the settings at the top of fine_tuning.py (commented out?)")
     value = globals()[name]
-    return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none" if isinstance(value, dict) else (
-        repr(value) if isinstance(value, (bool, list, set, tuple, type(None))) else str(value))
+    if isinstance(value, dict):
+        return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none"
+    if value is None or isinstance(value, (bool, list, set, tuple)):
+        raise SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: write a number or a text in quotes"
+                           + (", or a dict such as {5: 'layer2'}" if name == "UNFREEZE_SCHEDULE" else ""))
+    return str(value)
 
 
 def settings_parser():
@@ -520,7 +528,7 @@ def parse_settings(argv=None):
     if options.resume:
         if others := [a for a in argv if a.startswith("--") and not a.startswith("--resume")]:
             parser.error(f"--resume continues a run with its saved settings; drop {' '.join(others)}")
-        options = parser.parse_args(resume_argv(options.resume, parser))
+        options = parser.parse_args(argv := resume_argv(options.resume, parser))
     device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     cfg = SimpleNamespace(**{name.lower(): getattr(options, name) for name in SETTINGS}, dry_run=options.dry_run,
                           run_name=options.run_name, resume=options.resume, device=device,
@@ -718,7 +726,7 @@ def resume_argv(run_dir, parser):
     if not (run_dir / "last.pt").is_file():
         parser.error(f"--resume {run_dir}: no completed epoch to resume from; run the same command again")
     return ([f"{flag(name)}={saved[name]}" for name in SETTINGS] + [f"--resume={run_dir}"]
-            + ["--dry-run", "--epochs", str(saved["EPOCHS"])] * bool(config.get("dry_run")))
+            + ["--dry-run"] * bool(config.get("dry_run")))
 
 
 def save_epoch(run, model, optimizer, hw, stopper, improved, row):
@@ -777,7 +785,7 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
     if reason == "interrupted":
         print(f"\nresume with: python fine_tuning.py --resume {run.dir}")
         return 128 + stop_requested
-    (run.dir / "last.pt").unlink()   # only needed to resume: a finished run keeps best.pt
+    (run.dir / "last.pt").unlink(missing_ok=True)   # only needed to resume: a finished run keeps best.pt
     print(f"\nfiles in {run.dir}: {' '.join(sorted(p.name for p in run.dir.iterdir() if p.name[0] != '.'))}")
     return 0
 

@@ -136,19 +136,22 @@ def test_bad_setting_gets_a_clear_error_before_any_download(args, names, allowed
 
 
 @pytest.mark.parametrize("name,value,message", [
-    ("UNFREEZE_SCHEDULE", None, "UNFREEZE_SCHEDULE (--unfreeze-schedule): 'None' is not allowed: expected none, or"),
-    ("UNFREEZE_SCHEDULE", [5, "layer2"], "(--unfreeze-schedule): \"[5, 'layer2']\" is not allowed"),
-    ("UNFREEZE_SCHEDULE", {"layer2"}, "(--unfreeze-schedule): \"{'layer2'}\" is not allowed"),
+    ("UNFREEZE_SCHEDULE", None, "UNFREEZE_SCHEDULE (--unfreeze-schedule) = None is not allowed: write a number or a "
+                                "text in quotes, or a dict such as {5: 'layer2'}"),
+    ("UNFREEZE_SCHEDULE", [5, "layer2"], "UNFREEZE_SCHEDULE (--unfreeze-schedule) = [5, 'layer2'] is not allowed"),
+    ("UNFREEZE_SCHEDULE", {"layer2"}, "= {'layer2'} is not allowed"),
     ("UNFREEZE_SCHEDULE", {"5": 3}, "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:3' is not allowed"),
     ("EPOCHS", "fifteen", "EPOCHS (--epochs): 'fifteen' is not allowed"),
-    ("EPOCHS", True, "EPOCHS (--epochs): 'True' is not allowed"),
+    ("EPOCHS", True, "EPOCHS (--epochs) = True is not allowed"),
     ("PATIENCE", 2.5, "PATIENCE (--patience): '2.5' is not allowed"),
-    ("HEAD_LR", None, "HEAD_LR (--head-lr): 'None' is not allowed"),
-    ("DATA_DIR", None, "DATA_DIR (--data-dir): 'None' is not allowed"),
+    ("HEAD_LR", None, "HEAD_LR (--head-lr) = None is not allowed"),
+    ("WEIGHTS", None, "WEIGHTS (--weights) = None is not allowed"),
+    ("FREEZE_UNTIL", None, "FREEZE_UNTIL (--freeze-until) = None is not allowed"),
+    ("DATA_DIR", None, "DATA_DIR (--data-dir) = None is not allowed"),
     ("OUTPUT_DIR", "", "OUTPUT_DIR (--output-dir): '' is not allowed"),
-    ("MONITOR", ["val_loss"], "MONITOR (--monitor): \"['val_loss']\" is not allowed: expected one of val_loss"),
+    ("MONITOR", ["val_loss"], "MONITOR (--monitor) = ['val_loss'] is not allowed"),
     ("FREEZE_UNTIL", "layer9", "FREEZE_UNTIL (--freeze-until): 'layer9' is not allowed: expected one of none, stem"),
-    ("FREEZE_UNTIL", ("layer2",), "FREEZE_UNTIL (--freeze-until): \"('layer2',)\" is not allowed"),
+    ("FREEZE_UNTIL", ("layer2",), "FREEZE_UNTIL (--freeze-until) = ('layer2',) is not allowed"),
 ])
 def test_a_constant_of_the_wrong_type_gets_the_same_one_line_error(name, value, message, monkeypatch, capsys):
     monkeypatch.setattr(ft, name, value)
@@ -190,3 +193,14 @@ def test_a_missing_package_says_how_to_install_it():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: numpy is not installed. Run: pip install -r requirements.txt"
+
+
+def test_a_path_that_cannot_be_looked_at_gets_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    def denied(self, *args, **kwargs):   # what a folder without the x permission does for a normal user
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(ft.Path, "is_file", denied)
+    monkeypatch.setattr(ft.Path, "exists", denied)
+    assert_setting_error(*run(capsys, "--weights", tmp_path / "locked" / "w.pt")[::2], "WEIGHTS", "Permission denied")
+    monkeypatch.undo()
+    monkeypatch.setattr(ft.Path, "exists", denied)
+    assert_setting_error(*run(capsys, "--output-dir", tmp_path / "locked" / "runs")[::2], "OUTPUT_DIR (--output-dir)")

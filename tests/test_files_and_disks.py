@@ -44,8 +44,7 @@ SHORT_WRITE = RuntimeError("[enforce fail at inline_container.cc:783] . PytorchS
                            "data/3: file write failed, unexpected pos 64")   # what torch.save says on a full disk
 
 
-@pytest.mark.parametrize("victim,failure", [("last.pt", NO_SPACE), ("last.pt", SHORT_WRITE), ("best.pt", SHORT_WRITE),
-                                            ("history.csv", NO_SPACE)])
+@pytest.mark.parametrize("victim,failure", [("last.pt", NO_SPACE), ("best.pt", SHORT_WRITE), ("history.csv", NO_SPACE)])
 def test_a_full_disk_gives_one_line_keeps_the_last_completed_epoch_and_the_run_resumes(failure, victim, tmp_path,
                                                                                      capsys, monkeypatch):
     real_save, real_torch_save, real_writer, writes = ft.save, torch.save, csv.DictWriter, []

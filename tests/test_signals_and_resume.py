@@ -89,7 +89,7 @@ def stop_after_epoch(monkeypatch, epoch, signum=signal.SIGINT):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_reaches_exactly_the_weights_of_an_uninterrupted_run(workers, tmp_path, capsys, monkeypatch):
     # With DataLoader workers too: each worker process draws its seed, which must not shift the shuffle.
-    schedule = ["--dry-run", "--epochs", "3", "--patience", "9", "--unfreeze-schedule", "2:layer2",
+    schedule = ["--dry-run", "--epochs", "2", "--patience", "9", "--unfreeze-schedule", "2:layer2",
                 "--num-workers", workers, "--batch-size", "16", "--output-dir", tmp_path / "runs"]
     code, _, err = run(capsys, *schedule, "--run-name", "straight")
     assert code == 0, err
@@ -185,3 +185,13 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_and_the_same_command_works_aga
     assert run(capsys, *args)[0] == 0                               # the same command starts over
     code, _, err = run(capsys, *args)
     assert code == 2 and "already holds a run; choose another name" in err
+
+
+def test_a_resumed_dry_run_keeps_the_epochs_it_was_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        assert run(capsys, "--dry-run", "--epochs", "5", "--patience", "9", "--output-dir", tmp_path,
+                   "--run-name", "d")[0] == 130
+    code, out, err = run(capsys, "--resume", tmp_path / "d")
+    assert code == 0 and "stopped: all epochs ran (EPOCHS = 5)" in out, err
