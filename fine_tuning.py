@@ -394,7 +394,8 @@ SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-t
 DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3              # --dry-run: epochs, unless --epochs is given or the schedule needs more
 SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
-HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable", "seconds"]
+HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable",
+           "seconds"]   # the columns of history.csv
 stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
 finishing_batch = False         # True while training: then the first signal lets the batch finish
 if os.name == "posix":
@@ -529,7 +530,8 @@ def parse_settings(argv=None):
         if others := [a for a in argv if a.startswith("--") and not a.startswith("--resume")]:
             parser.error(f"--resume continues a run with its saved settings; drop {' '.join(others)}")
         options = parser.parse_args(argv := resume_argv(options.resume, parser))
-    device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    mps = torch.backends.mps.is_available()
+    device = torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     cfg = SimpleNamespace(**{name.lower(): getattr(options, name) for name in SETTINGS}, dry_run=options.dry_run,
                           run_name=options.run_name, resume=options.resume, device=device,
                           max_batches=DRY_RUN_BATCHES if options.dry_run else None)
@@ -844,7 +846,8 @@ def print_comparison(rows, limit=8):
     """The last runs of summary.csv, then what changed since the run before this one, and the effect."""
     def cell(row, key, spec, width):
         with contextlib.suppress(TypeError, ValueError):
-            return format(format(float(row.get(key)), spec) if spec else Path(row.get(key)).name[:width - 1], f">{width}")
+            text = format(float(row.get(key)), spec) if spec else Path(row.get(key)).name[:width - 1]
+            return f"{text:>{width}}"
         return " " * width   # a row written by an older version of the script
     print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):\n{'run':<22}{'freeze':>7}"
           f"{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}")
@@ -955,7 +958,8 @@ def load_cifar10(data_dir):
             cifar(root, train=True, download=True)   # torchvision checks the archive's md5
         train, test = (cifar(root, train=split) for split in (True, False))   # download=False: only reads
     except FileNotFoundError as error:
-        raise RunError(f"the CIFAR-10 files in {folder} are incomplete ({error.filename} is missing).{delete}") from None
+        raise RunError(f"the CIFAR-10 files in {folder} are incomplete ({error.filename} is missing).{delete}"
+                       ) from None
     except PermissionError as error:
         raise RunError(f"permission denied: cannot read or write {error.filename}. Fix its permissions, or set "
                        "DATA_DIR (--data-dir) to another folder") from None
@@ -981,8 +985,9 @@ def synthetic_cifar10(seed):
     generator = torch.Generator().manual_seed(seed)
     tints = torch.randint(0, 256, (NUM_CLASSES, 3, 1, 1), generator=generator)
     labels = [torch.arange(n) % NUM_CLASSES for n in SYNTHETIC_SIZES]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return *[(((tints[y] + torch.randint(0, 256, (len(y), 3, 32, 32), generator=generator)) // 2).to(torch.uint8), y)
-             for y in labels], ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+             for y in labels], names
 
 
 def load_pretrained(model, weights):
@@ -1004,8 +1009,9 @@ def load_pretrained(model, weights):
         if problem := state_dict_problem(model, state):
             raise RunError(f"{what} {path} {problem}")
     except RunError as error:
+        detail = str(error)[len(what) + 1:]   # the message without "the file "
         raise (RunError(f"{error}.\n  Delete that file and run again to download a fresh copy.") if imagenet else
-               SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {str(error)[len(what) + 1:]}")) from None
+               SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {detail}")) from None
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
 
 

@@ -1,7 +1,6 @@
 """Downloads, data files and weights files: every failure is named for what it is, with a way out."""
 import builtins
 import os
-import tarfile
 
 import pytest
 import torch

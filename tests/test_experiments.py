@@ -43,7 +43,7 @@ def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path,
     for epoch, block in cfg.unfreeze_schedule.items():
         assert f"epoch {epoch}: unfreezing {block}" in out
     if "--patience" in options:
-        assert f"stopped: early stopping" in out and f"(PATIENCE = {options['--patience']})" in out
+        assert "stopped: early stopping" in out and f"(PATIENCE = {options['--patience']})" in out
     if "--monitor" in options:
         assert f"(best {options['--monitor']})" in out
     if "--weights" in options:

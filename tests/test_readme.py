@@ -1,7 +1,6 @@
 """The README's transcript of a dry run is what the code prints, numbers and elided lines aside."""
 import re
 
-import fine_tuning as ft
 from conftest import ROOT, run
 
 
