@@ -937,7 +937,7 @@ class Progress:
     def result(self):
         """(mean loss, accuracy), or None when the pass was stopped before its last batch."""
         loss, correct, seen = self.sums.tolist()
-        return (loss / seen, correct / seen) if len(self.losses) == self.total else None
+        return (loss / max(seen, 1), correct / max(seen, 1)) if len(self.losses) == self.total else None
 
 
 # --- Downloads and data files: CIFAR-10, the ImageNet weights, the synthetic set of --dry-run ------------
