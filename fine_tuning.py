@@ -340,11 +340,12 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
         if not validated:   # Ctrl-C or SIGTERM: this epoch is dropped, the last saved one stands
             break
         (train_loss, train_acc), (val_loss, confusion) = trained, validated
-        improved = stopper.step(val_loss if cfg.monitor == "val_loss" else accuracy(confusion), epoch)
+        val_acc = accuracy(confusion)
+        improved = stopper.step(val_loss if cfg.monitor == "val_loss" else val_acc, epoch)
         ## The best epoch's weights go to best.pt: they are what we test at the end.
         save_epoch(run, model, optimizer, hw, stopper, improved, dict(
-            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-            val_acc=accuracy(confusion), seconds=round(time.perf_counter() - started, 2)))
+            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+            seconds=round(time.perf_counter() - started, 2)))
         if stopping():
             break
 
@@ -733,7 +734,7 @@ def resume_argv(run_dir, parser):
 
 def save_epoch(run, model, optimizer, hw, stopper, improved, row):
     """Everything to resume from this epoch (last.pt) first, then best.pt and history.csv; print the row."""
-    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    lrs = group_lrs(optimizer)
     run.history.append({**row, **{f"lr_{name}": lr for name, lr in lrs.items()}, "trainable": " ".join(lrs)})
     save(run.dir / "last.pt", dict(epoch=row["epoch"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    scaler=hw.scaler.state_dict(), early_stopping=vars(stopper), history=run.history))
@@ -794,8 +795,13 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
 
 # --- Reports: the block table, results per class, curves, the comparison of runs --------------------------
 
+def group_lrs(optimizer):
+    """{block name: learning rate} of the optimizer's parameter groups, input to output as they joined."""
+    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
 def print_blocks(model, optimizer):
-    lrs, counts = {group["name"]: group["lr"] for group in optimizer.param_groups}, {"trainable": 0, "frozen": 0}
+    lrs, counts = group_lrs(optimizer), {"trainable": 0, "frozen": 0}
     print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}")
     for name, block in block_modules(model).items():
         size, status = sum(p.numel() for p in block.parameters()), "trainable" if is_trainable(block) else "frozen"
