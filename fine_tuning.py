@@ -462,13 +462,17 @@ def schedule(text):
     return plan if len(plan) == len(pairs) or text.strip() == "none" else None
 
 
+def schedule_text(plan):
+    return ",".join(f"{epoch}:{block}" for epoch, block in plan.items()) or "none"
+
+
 def constant_text(name):
     """A constant as the text a flag would give, so argparse checks both the same way."""
     if name not in globals():
         raise SettingError(f"{name} is missing from the settings at the top of fine_tuning.py (commented out?)")
     value = globals()[name]
     if isinstance(value, dict):
-        return ",".join(f"{epoch}:{block}" for epoch, block in value.items()) or "none"
+        return schedule_text(value)
     if value is None or isinstance(value, (bool, list, set, tuple)):
         raise SettingError(f"{name} ({flag(name)}) = {value!r} is not allowed: write a number or a text in quotes"
                            + (", or a dict such as {5: 'layer2'}" if name == "UNFREEZE_SCHEDULE" else ""))
@@ -544,10 +548,11 @@ def parse_settings(argv=None):
         parser.error(str(error))
     if cfg.dry_run and not any(a.startswith("--epochs") for a in argv):   # enough to reach the schedule
         cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
-    cfg.settings = {name: getattr(cfg, name.lower()) for name in SETTINGS}   # as this run uses them, with absolute
-    cfg.settings.update(DATA_DIR=str(cfg.data_dir.absolute()), OUTPUT_DIR=str(cfg.output_dir.absolute()),   # folders:
-                        UNFREEZE_SCHEDULE=",".join(f"{e}:{b}" for e, b in sorted(cfg.unfreeze_schedule.items())))
-    if cfg.dry_run or cfg.resume:   # a run resumes from anywhere
+    # The settings as this run uses them (config.json, summary.csv); absolute folders: it resumes from anywhere.
+    cfg.settings = {name: getattr(cfg, name.lower()) for name in SETTINGS}
+    cfg.settings.update(DATA_DIR=str(cfg.data_dir.absolute()), OUTPUT_DIR=str(cfg.output_dir.absolute()),
+                        UNFREEZE_SCHEDULE=schedule_text(dict(sorted(cfg.unfreeze_schedule.items()))))
+    if cfg.dry_run or cfg.resume:
         cfg.weights = "none"   # random weights; a resumed run loads its own from last.pt
     return cfg
 
@@ -600,6 +605,8 @@ def save(path, content):
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:   # torch.save reports a short write as a RuntimeError
+        if not isinstance(error, OSError) and "unexpected pos" not in str(error):
+            raise   # any other RuntimeError is a bug: keep its traceback
         raise write_error(path, error) from None
     finally:
         temporary.unlink(missing_ok=True)
@@ -609,9 +616,7 @@ def write_error(path, error):
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error):
         return RunError(f"the disk is full: could not write {path.name} in {path.parent}; files saved before are "
                         "intact. Free some space, then run again (or --resume RUN_DIR)")
-    if isinstance(error, OSError):
-        return RunError(f"could not write {path}: {error.strerror or error}")
-    raise error   # any other RuntimeError is a bug: keep its traceback
+    return RunError(f"could not write {path}: {error.strerror or error}")
 
 
 def add_to_summary(output_dir, row):
@@ -913,9 +918,10 @@ class Progress:
     or early when Ctrl-C or SIGTERM asked to stop."""
 
     def __init__(self, loader, desc, max_batches, device):
-        self.desc, self.total, self.losses = desc, min(len(loader), max_batches or len(loader)), []
+        self.desc, self.total, self.losses, self.checked, self.seen = desc, min(len(loader), max_batches or
+                                                                                len(loader)), [], 0, 0
         self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
-        self.sums = torch.zeros(3, device=device)   # loss x images, correct predictions, images
+        self.sums = torch.zeros(2, device=device)   # loss x images, correct predictions
 
     def __iter__(self):
         with self.bar:
@@ -927,23 +933,24 @@ class Progress:
                     break
 
     def add(self, loss, logits, labels):
-        self.sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), labels.new_tensor(
-            len(labels))])
+        self.sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()])
         self.losses.append(loss.detach())
+        self.seen += len(labels)
 
-    def check(self):
-        losses = torch.stack(self.losses).tolist()
-        if bad := [number for number, value in enumerate(losses, 1) if not math.isfinite(value)]:
-            raise RunError(f"training diverged: the loss became {losses[bad[0] - 1]} at {self.desc}, batch {bad[0]}. "
-                           "Try a lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller; completed epochs "
-                           "stay saved.")
-        loss, correct, seen = self.sums.tolist()
-        self.bar.set_postfix(loss=f"{loss / seen:.3f}", acc=f"{correct / seen:.1%}")
+    def check(self):   # the losses since the last check, read back in one sync
+        for number, value in enumerate(torch.stack(self.losses[self.checked:]).tolist(), self.checked + 1):
+            if not math.isfinite(value):
+                raise RunError(f"training diverged: the loss became {value} at {self.desc}, batch {number}. Try a "
+                               "lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller; completed epochs "
+                               "stay saved.")
+        self.checked = len(self.losses)
+        loss, correct = self.sums.tolist()
+        self.bar.set_postfix(loss=f"{loss / self.seen:.3f}", acc=f"{correct / self.seen:.1%}")
 
     def result(self):
         """(mean loss, accuracy), or None when the pass was stopped before its last batch."""
-        loss, correct, seen = self.sums.tolist()
-        return (loss / max(seen, 1), correct / max(seen, 1)) if len(self.losses) == self.total else None
+        loss, correct = self.sums.tolist()
+        return (loss / max(self.seen, 1), correct / max(self.seen, 1)) if len(self.losses) == self.total else None
 
 
 # --- Downloads and data files: CIFAR-10, the ImageNet weights, the synthetic set of --dry-run ------------
@@ -1001,9 +1008,10 @@ def load_pretrained(model, weights):
     imagenet = models.ResNet18_Weights.IMAGENET1K_V1 if weights in models.ResNet18_Weights.__members__ else None
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name if imagenet else Path(weights)
     print(f"model: ResNet18 with {'ImageNet weights' if imagenet else 'the weights in ' + weights}, new head")
+    state = None
     try:   # the same download, cache and hash check as resnet18(weights=...), loaded with weights_only=True
         if imagenet and not path.exists():
-            imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
+            state = imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
         raise RunError(offline_help("the ImageNet weights", imagenet.url, error, f"put {path.name} in "
                                     f"{path.parent}, or pass its path: --weights PATH")) from None
@@ -1011,7 +1019,7 @@ def load_pretrained(model, weights):
         raise RunError(f"the download of {imagenet.url} failed its check ({error}); run again.") from None
     what = "the cached ImageNet weights" if imagenet else "the file"
     try:
-        state = load_checkpoint(path, what)
+        state = load_checkpoint(path, what) if state is None else state
         if problem := state_dict_problem(model, state):
             raise RunError(f"{what} {path} {problem}")
     except RunError as error:
