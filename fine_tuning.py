@@ -84,13 +84,11 @@ NUM_CLASSES = 10
 ## epoch and to stop early we need a third set: a validation split held out
 ## from the training images. "Stratified" means every class is split in the
 ## same proportion, so validation accuracy is not skewed by chance.
-
 def load_data(cfg, hw):
     """Train, validation and test loaders over uint8 images held in memory, and the class names."""
     (images, labels), (test_images, test_labels), classes = (
         synthetic_cifar10(cfg.seed) if cfg.dry_run else load_cifar10(cfg.data_dir))
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class)
-    check_split_sizes(cfg, labels, train_idx, val_idx)   # as on CIFAR-10's known size, before any download
     available = len(labels) - len(val_idx)
     kept = f" (kept {cfg.train_per_class} per class, of {available:,})" if len(train_idx) < available else ""
     print(f"data: {len(train_idx):,} train{kept} / {len(val_idx):,} validation / {len(test_labels):,} test "
@@ -161,7 +159,6 @@ def model_inputs(images, hw, augment_with=None):
 ## The pretrained network ends in a 1000-way ImageNet classifier (`fc`). We
 ## keep everything before it -- the feature extractor -- and replace `fc` by a
 ## fresh 10-way layer for CIFAR-10's classes.
-
 def build_model(weights):
     """ResNet18 with the chosen weights and a new, randomly initialised 10-way head."""
     model = models.resnet18(weights=None)
@@ -181,7 +178,6 @@ def build_model(weights):
 ##      averages -- so a "frozen" block would still drift. model.train() puts
 ##      every layer back into train mode, so set_train_mode() re-applies eval
 ##      mode to frozen blocks every epoch.
-
 def block_modules(model):
     """The six blocks of ResNet18 that freezing and learning rates act on, input to output."""
     return {"stem": nn.ModuleList([model.conv1, model.bn1]), "layer1": model.layer1,
@@ -215,7 +211,6 @@ def set_train_mode(model):
 ## earlier a block, the more generic its features, so each block below layer4
 ## can learn more slowly than the one above it. Adam takes a list of
 ## "parameter groups", each with its own lr; frozen parameters are not given.
-
 def block_lr(name, cfg):
     """HEAD_LR for the head; BACKBONE_LR for layer4, times LAYER_LR_DECAY per block further down."""
     if name == "fc":
@@ -254,7 +249,6 @@ def unfreeze(model, optimizer, block_name, cfg):
 ## update (each parameter group with its own learning rate). Each epoch's
 ## shuffle and augmentation are seeded from (SEED, epoch), so a resumed run
 ## sees exactly the batches an uninterrupted one would.
-
 def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
     """One pass over the training split: (mean loss, accuracy), or None if stopped part-way."""
     set_train_mode(model)   # frozen blocks stay in eval mode
@@ -277,7 +271,6 @@ def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
 # === Evaluation =========================================================================================
 ## Evaluation puts every layer in eval mode: BatchNorm uses its running
 ## statistics, so a prediction never depends on the other images in the batch.
-
 @torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad
 def evaluate(model, loader, hw, cfg, desc):
     """Mean loss and the confusion matrix (rows: true class, columns: predicted), or None if stopped."""
@@ -303,7 +296,6 @@ def accuracy(confusion):
 ## images it has not seen. Early stopping watches the validation split, keeps
 ## the weights of the best epoch, and ends training once `patience` epochs in
 ## a row failed to improve on the best by at least `min_delta`.
-
 class EarlyStopping:
     def __init__(self, patience, min_delta, mode="min"):
         self.patience, self.min_delta, self.mode = patience, min_delta, mode   # mode: "min" or "max"
@@ -351,7 +343,6 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
 
 
 # === The story of a run =================================================================================
-
 def main(argv=None):
     """Settings -> data -> model -> freeze -> optimizer -> epochs with early stopping -> test -> report."""
     cfg = parse_settings(argv)   # the constants, as overridden by flags or by the run being resumed
@@ -412,7 +403,6 @@ class RunError(Exception):
 
 
 # --- The command line: the constants are its defaults, so one path checks both ----------------------------
-
 def flag(name):
     return "--" + name.lower().replace("_", "-")
 
@@ -434,10 +424,10 @@ def one_of(*choices):   # argparse checks choices= for typed flags only, not for
 
 
 def folder(text, writable=False):
-    """A folder's path; None when empty, 'none', a file, or not writable where it must be."""
+    """A folder's path; None when empty, 'none', not a folder, or not writable where it must be."""
     path = Path(text.strip()).expanduser()
     nearest = next(p for p in [path, *path.absolute().parents] if p.exists())
-    ok = text.strip().lower() not in ("", "none") and not path.is_file()
+    ok = text.strip().lower() not in ("", "none") and nearest.is_dir()   # not a file, nor under one
     return path if ok and (not writable or os.access(nearest, os.W_OK | os.X_OK)) else None
 
 
@@ -535,17 +525,13 @@ def parse_settings(argv=None):
         if others := [a for a in argv if a.startswith("--") and not a.startswith("--resume")]:
             parser.error(f"--resume continues a run with its saved settings; drop {' '.join(others)}")
         options = parser.parse_args(argv := resume_argv(options.resume, parser))
-    mps = torch.backends.mps.is_available()
-    device = torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    cfg = SimpleNamespace(**{name.lower(): getattr(options, name) for name in SETTINGS}, dry_run=options.dry_run,
-                          run_name=options.run_name, resume=options.resume, device=device,
-                          max_batches=DRY_RUN_BATCHES if options.dry_run else None)
+    cfg = SimpleNamespace(**{name.lower(): value for name, value in vars(options).items()})   # dry_run, resume...
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    cfg.device = torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    cfg.max_batches = DRY_RUN_BATCHES if cfg.dry_run else None   # batches per phase; None: all
     if cfg.image_size == "auto":
-        cfg.image_size = 224 if device.type == "cuda" else 32
-    try:
-        check_together(cfg)
-    except SettingError as error:
-        parser.error(str(error))
+        cfg.image_size = 224 if cuda else 32
+    check_together(cfg)
     if cfg.dry_run and not any(a.startswith("--epochs") for a in argv):   # enough to reach the schedule
         cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
     # The settings as this run uses them (config.json, summary.csv); absolute folders: it resumes from anywhere.
@@ -567,10 +553,7 @@ def check_together(cfg):
                 f"{block} is already trainable then (FREEZE_UNTIL = {cfg.freeze_until}); name a frozen block"))
         frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
     labels = torch.arange(SYNTHETIC_SIZES[0] if cfg.dry_run else CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
-    check_split_sizes(cfg, labels, *stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class))
-
-
-def check_split_sizes(cfg, labels, train_idx, val_idx):
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class)
     left, fewest = len(labels) - len(val_idx), torch.bincount(labels[train_idx], minlength=NUM_CLASSES).min()
     if not len(val_idx) or not left:
         raise SettingError(f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction} leaves {left:,} training and "
@@ -584,7 +567,6 @@ def check_split_sizes(cfg, labels, train_idx, val_idx):
 
 
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
-
 def save(path, content):
     """Write into a temporary file beside `path`, then rename it over `path`: readers see the old file or
     the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows)."""
@@ -665,7 +647,6 @@ def load_checkpoint(path, what):
 
 
 # --- The run folder: create, resume, save each epoch, finish ----------------------------------------------
-
 def open_run(cfg, hw, model, optimizer, stopper):
     """A new run folder with its config.json, or the state of the run being resumed."""
     run = SimpleNamespace(cfg=cfg, dir=cfg.resume or new_run_dir(cfg), history=[], next_epoch=1, started=time.time())
@@ -799,7 +780,6 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
 
 
 # --- Reports: the block table, results per class, curves, the comparison of runs --------------------------
-
 def group_lrs(optimizer):
     """{block name: learning rate} of the optimizer's parameter groups, input to output as they joined."""
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
@@ -816,17 +796,14 @@ def print_blocks(model, optimizer):
 
 
 def print_report(confusion, classes):
-    """Test accuracy per class, the confusion matrix and the most confused pairs, in 80 columns."""
-    totals, per_class = confusion.sum(1), {}
-    print(f"\n{'class':<12}{'accuracy':>9}{'correct':>10}{'images':>8}")
+    """The confusion matrix with each class's test accuracy, and the most confused pairs, in 80 columns."""
+    print("\nconfusion matrix (rows: true class, columns: predicted) and accuracy per class\n" + " " * 11
+          + "".join(f"{name[:5]:>6}" for name in classes) + f"{'accuracy':>9}")
+    per_class = {}   # None: the class has no test image
     for c, name in enumerate(classes):
-        per_class[name] = confusion[c, c].item() / totals[c].item() if totals[c] else None   # None: no image
+        per_class[name] = confusion[c, c].item() / confusion[c].sum().item() if confusion[c].sum() else None
         shown = "n/a" if per_class[name] is None else f"{per_class[name]:.1%}"
-        print(f"{name[:12]:<12}{shown:>9}{confusion[c, c].item():>10}{totals[c].item():>8}")
-    print("\nconfusion matrix (rows: true class, columns: predicted)\n" + " " * 11
-          + "".join(f"{name[:5]:>6}" for name in classes))
-    for c, name in enumerate(classes):
-        print(f"{name[:10]:<11}" + "".join(f"{v:>6}" for v in confusion[c].tolist()))
+        print(f"{name[:10]:<11}" + "".join(f"{v:>6}" for v in confusion[c].tolist()) + f"{shown:>9}")
     errors = sorted(((confusion[t, p].item(), t, p) for t in range(len(classes)) for p in range(len(classes))
                      if t != p and confusion[t, p] > 0), reverse=True)
     if errors:
@@ -876,7 +853,6 @@ def print_comparison(rows, limit=8):
 
 
 # --- Signals and progress: Ctrl-C or SIGTERM finish the batch; a nan loss stops the run -------------------
-
 def on_stop_signal(signum, frame):
     global stop_requested
     first, stop_requested = not stop_requested, signum
@@ -918,8 +894,8 @@ class Progress:
     or early when Ctrl-C or SIGTERM asked to stop."""
 
     def __init__(self, loader, desc, max_batches, device):
-        self.desc, self.total, self.losses, self.checked, self.seen = desc, min(len(loader), max_batches or
-                                                                                len(loader)), [], 0, 0
+        self.desc, self.total = desc, min(len(loader), max_batches or len(loader))
+        self.losses, self.checked, self.seen = [], 0, 0   # each batch's loss; how many were checked; images
         self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
         self.sums = torch.zeros(2, device=device)   # loss x images, correct predictions
 
@@ -954,7 +930,6 @@ class Progress:
 
 
 # --- Downloads and data files: CIFAR-10, the ImageNet weights, the synthetic set of --dry-run ------------
-
 def load_cifar10(data_dir):
     """CIFAR-10 as uint8 tensors (N, 3, 32, 32) with int64 labels, and the class names. Downloaded on the
     first run; a complete, verified copy is only read, so it may live in a read-only folder."""
@@ -1045,7 +1020,6 @@ def state_dict_problem(model, state):
 
 
 # --- Devices and precision, and the exit codes ------------------------------------------------------------
-
 class Hardware:
     """The device and what depends on it: precision, memory layout, workers, input normalisation."""
 

@@ -112,6 +112,9 @@ BAD = [
     (["--num-workers", "-2"], "NUM_WORKERS", "auto or a whole number >= 0"),
     (["--data-dir", ""], "DATA_DIR (--data-dir): ''", "expected a folder"),
     (["--data-dir", "None"], "DATA_DIR", "expected a folder"),
+    (["--data-dir", "/dev/null"], "DATA_DIR (--data-dir): '/dev/null'", "expected a folder"),
+    (["--data-dir", __file__ + "/data"], "DATA_DIR", "expected a folder"),        # below a file
+    (["--output-dir", __file__], "OUTPUT_DIR", "a folder you can write to"),
     (["--output-dir", " "], "OUTPUT_DIR (--output-dir)", "a folder you can write to"),
     (["--unfreeze-schedule", "5:layer9"], "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9'", "EPOCH:BLOCK"),
     (["--unfreeze-schedule", "5:layer3"], "UNFREEZE_SCHEDULE", "layer3 is already trainable"),
