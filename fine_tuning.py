@@ -951,21 +951,27 @@ def load_cifar10(data_dir):
     except PermissionError as error:
         raise RunError(f"permission denied: cannot read or write {error.filename}. Fix its permissions, or set "
                        "DATA_DIR (--data-dir) to another folder") from None
-    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
-        if archive.exists() and not check_integrity(str(archive), cifar.tgz_md5):
+    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error; a full disk
+        if archive.exists() and error.errno not in (errno.ENOSPC, errno.EDQUOT) and not check_integrity(
+                str(archive), cifar.tgz_md5):
             raise RunError(f"{archive} fails its md5 check (an interrupted download?), and no fresh copy could be "
                            f"downloaded ({error}). Delete it, or replace it with a complete copy.") from None
-        raise RunError(offline_help("CIFAR-10", cifar.url, error, f"put {archive.name} in {root}, or extract it there "
-                                    f"so that {folder} holds the data_batch_* files")) from None
+        raise download_error("CIFAR-10", cifar.url, error, "DATA_DIR (--data-dir)", f"put {archive.name} in "
+                             f"{root}, or extract it there so that {folder} holds the data_batch_* files") from None
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise RunError(f"the CIFAR-10 files in {folder} cannot be read ({type(error).__name__}).{delete}") from None
     return *[(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(),   # NHWC -> NCHW
               torch.tensor(split.targets)) for split in (train, test)], list(train.classes)
 
 
-def offline_help(what, url, error, manual):
-    return (f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n  Without internet, "
-            f"download it elsewhere and {manual}.\n  `python fine_tuning.py --dry-run` works offline.")
+def download_error(what, url, error, folder_setting, manual):
+    """A failed download named for what it is: a full disk, a folder we may not write, or no network."""
+    if isinstance(error, PermissionError) or error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"could not download {what}: " + (f"permission denied for {error.filename}. Fix its "
+                        f"permissions, or set {folder_setting} to another folder" if isinstance(error, PermissionError)
+                        else f"the disk is full. Free some space, or set {folder_setting} to another disk"))
+    return RunError(f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n  Without internet, "
+                    f"download it elsewhere and {manual}.\n  `python fine_tuning.py --dry-run` works offline.")
 
 
 def synthetic_cifar10(seed):
@@ -988,8 +994,8 @@ def load_pretrained(model, weights):
         if imagenet and not path.exists():
             state = imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
-        raise RunError(offline_help("the ImageNet weights", imagenet.url, error, f"put {path.name} in "
-                                    f"{path.parent}, or pass its path: --weights PATH")) from None
+        raise download_error("the ImageNet weights", imagenet.url, error, "TORCH_HOME (an environment variable)",
+                             f"put {path.name} in {path.parent}, or pass its path: --weights PATH") from None
     except RuntimeError as error:   # the download's hash does not match
         raise RunError(f"the download of {imagenet.url} failed its check ({error}); run again.") from None
     what = "the cached ImageNet weights" if imagenet else "the file"

@@ -1,5 +1,6 @@
 """Downloads, data files and weights files: every failure is named for what it is, with a way out."""
 import builtins
+import errno
 import os
 
 import pytest
@@ -38,6 +39,25 @@ def test_weights_download_failure_says_where_to_put_the_file(real_files, tmp_pat
     assert_run_error(code, err, "could not download the ImageNet weights from "
                      "https://download.pytorch.org/models/resnet18-f37072fd.pth",
                      str(tmp_path / "fresh_torch_home" / "hub" / "checkpoints"), "--weights PATH", "--dry-run")
+
+
+def test_a_full_disk_or_a_folder_we_may_not_write_during_a_download_is_named_as_such(real_files, tmp_path, capsys,
+                                                                                     monkeypatch):
+    def full_disk(*args, **kwargs):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")   # what was written before
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ft.datasets.CIFAR10, "download", full_disk)
+    code, _, err = run(capsys, *tiny(tmp_path / "data", tmp_path / "runs", "--weights", "none"))
+    assert_run_error(code, err, "could not download CIFAR-10: the disk is full", "DATA_DIR (--data-dir)")
+    assert "md5" not in err and "Without internet" not in err
+
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(models.WeightsEnum, "get_state_dict", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(hub))))
+    code, _, err = run(capsys, *tiny(real_files, tmp_path / "runs"))
+    assert_run_error(code, err, f"could not download the ImageNet weights: permission denied for {hub}", "TORCH_HOME")
 
 
 def test_a_corrupted_cifar10_file_names_the_folder_to_delete_and_is_not_downloaded_again(own_cifar, tmp_path,
