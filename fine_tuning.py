@@ -740,10 +740,10 @@ def stop_reason(run, stopper):
 
 
 def stop_without_test(run, why=""):
-    """Stopped by a signal before the test pass: say what is kept and how to go on."""
+    """Stopped by a signal (before the test pass, or after it): say what is kept and how to go on."""
     if (run.dir / "last.pt").exists():
-        print((why and f"\n{why}\n") + f"kept in {run.dir}: best.pt last.pt history.csv\n"
-              f"resume with: python fine_tuning.py --resume {run.dir}")
+        print((why and f"\n{why}\n") + f"\nkept in {files_in(run.dir)}\nresume with: python fine_tuning.py --resume "
+              f"{run.dir}")
     else:   # leave no run folder behind
         print("no epoch was completed: there is nothing to test or to resume; run the same command again.")
         for name in ("config.json", "history.csv"):
@@ -772,11 +772,14 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
             run=run.dir.name, **cfg.settings, best_val_acc=round(best["val_acc"], 4), test_acc=round(test_acc, 4),
             epochs_run=run.history[-1]["epoch"], minutes=round(minutes, 2))))
     if reason == "interrupted":
-        print(f"\nresume with: python fine_tuning.py --resume {run.dir}")
-        return 128 + stop_requested
+        return stop_without_test(run)   # the files kept, and the resume command
     (run.dir / "last.pt").unlink(missing_ok=True)   # only needed to resume: a finished run keeps best.pt
-    print(f"\nfiles in {run.dir}: {' '.join(sorted(p.name for p in run.dir.iterdir() if p.name[0] != '.'))}")
+    print(f"\nfiles in {files_in(run.dir)}")
     return 0
+
+
+def files_in(folder):
+    return f"{folder}: " + " ".join(sorted(path.name for path in folder.iterdir() if path.name[0] != "."))
 
 
 # --- Reports: the block table, results per class, curves, the comparison of runs --------------------------

@@ -32,7 +32,9 @@ def test_ctrl_c_keeps_checkpoint_and_history_tests_the_best_model_and_exits_130(
     assert process.returncode == 130 and "Traceback" not in err, out + err
     assert "Ctrl-C: stopping after this batch" in out and "stopped: interrupted" in out and "test accuracy" in out
     run_dir = tmp_path / "runs" / "stopped"
-    assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
+    kept = next(line for line in out.splitlines() if line.startswith(f"kept in {run_dir}: "))
+    assert {"best.pt", "last.pt", "history.csv", "results.json"} <= set(kept.split(": ")[1].split())
+    assert out.count(f"resume with: python fine_tuning.py --resume {run_dir}") == 1
     assert load_state(run_dir / "best.pt")["fc.weight"].shape == (10, 512) and (run_dir / "last.pt").exists()
     with open(run_dir / "history.csv") as file:
         epochs = [int(row["epoch"]) for row in csv.DictReader(file)]
@@ -52,7 +54,7 @@ def test_sigterm_finishes_the_batch_keeps_the_files_and_exits_143_promptly(cifar
     assert process.returncode == 143 and "Traceback" not in err, head + out + err
     run_dir = tmp_path / "runs" / "term"
     assert "SIGTERM: stopping after this batch" in out and "test accuracy" not in out
-    assert f"kept in {run_dir}: best.pt last.pt history.csv" in out
+    assert f"kept in {run_dir}: best.pt config.json history.csv last.pt\n" in out
     assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
     assert all((run_dir / name).is_file() for name in ["best.pt", "last.pt", "history.csv"])
 
