@@ -804,7 +804,8 @@ def print_report(confusion, classes):
           + "".join(f"{name[:5]:>6}" for name in classes) + f"{'accuracy':>9}")
     per_class = {}   # None: the class has no test image
     for c, name in enumerate(classes):
-        per_class[name] = confusion[c, c].item() / confusion[c].sum().item() if confusion[c].sum() else None
+        images = confusion[c].sum().item()
+        per_class[name] = confusion[c, c].item() / images if images else None
         shown = "n/a" if per_class[name] is None else f"{per_class[name]:.1%}"
         print(f"{name[:10]:<11}" + "".join(f"{v:>6}" for v in confusion[c].tolist()) + f"{shown:>9}")
     errors = sorted(((confusion[t, p].item(), t, p) for t in range(len(classes)) for p in range(len(classes))
@@ -969,10 +970,12 @@ def load_cifar10(data_dir):
 
 def download_error(what, url, error, folder_setting, manual):
     """A failed download named for what it is: a full disk, a folder we may not write, or no network."""
-    if isinstance(error, PermissionError) or error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RunError(f"could not download {what}: " + (f"permission denied for {error.filename}. Fix its "
-                        f"permissions, or set {folder_setting} to another folder" if isinstance(error, PermissionError)
-                        else f"the disk is full. Free some space, or set {folder_setting} to another disk"))
+    if isinstance(error, PermissionError):
+        return RunError(f"could not download {what}: permission denied for {error.filename}. Fix its permissions, "
+                        f"or set {folder_setting} to another folder")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"could not download {what}: the disk is full. Free some space, or set {folder_setting} "
+                        "to a folder on another disk")
     return RunError(f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n  Without internet, "
                     f"download it elsewhere and {manual}.\n  `python fine_tuning.py --dry-run` works offline.")
 
@@ -996,7 +999,7 @@ def load_pretrained(model, weights):
     try:   # the same download, cache and hash check as resnet18(weights=...), loaded with weights_only=True
         if imagenet and not path.exists():
             state = imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error
+    except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error; disk, permission
         raise download_error("the ImageNet weights", imagenet.url, error, "TORCH_HOME (an environment variable)",
                              f"put {path.name} in {path.parent}, or pass its path: --weights PATH") from None
     except RuntimeError as error:   # the download's hash does not match
