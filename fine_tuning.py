@@ -481,7 +481,8 @@ def settings_parser():
         parser.add_argument(flag(name), dest=name, metavar=name, type=type, default=constant_text(name),
                             help=help + " (default: %(default)s)", **more)
     whole, positive = "a whole number >= ", lambda x: 0 < x < math.inf
-    add("DATA_DIR", checked(folder, bool, "a folder"), "holds, or receives, CIFAR-10")
+    add("DATA_DIR", checked(folder, lambda path: not (path / "data_batch_1").exists(), "a folder: the one that holds "
+                            "(or will hold) cifar-10-batches-py, not that folder itself"), "holds, or receives, CIFAR-10")
     add("SEED", checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"), "random seed")
     add("VAL_FRACTION", checked(float, lambda x: 0 < x < 1, "a number strictly between 0 and 1, e.g. 0.1"),
         "share of the training images held out for validation")

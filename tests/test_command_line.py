@@ -138,6 +138,15 @@ def test_bad_setting_gets_a_clear_error_before_any_download(args, names, allowed
     assert_setting_error(code, err, names, allowed)
 
 
+def test_a_data_dir_that_names_the_cifar10_folder_itself_is_refused_before_any_download(tmp_path, capsys):
+    inner = tmp_path / "data" / "cifar-10-batches-py"     # a common slip: torchvision wants the folder above it
+    inner.mkdir(parents=True)
+    (inner / "data_batch_1").write_bytes(b"")
+    code, _, err = run(capsys, "--data-dir", inner, "--output-dir", tmp_path / "runs")
+    assert_setting_error(code, err, "DATA_DIR (--data-dir)", "cifar-10-batches-py, not that folder itself")
+    assert not (inner / "cifar-10-batches-py").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("UNFREEZE_SCHEDULE", None, "UNFREEZE_SCHEDULE (--unfreeze-schedule) = None is not allowed: write a number or a "
                                 "text in quotes, or a dict such as {5: 'layer2'}"),
