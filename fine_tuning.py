@@ -432,17 +432,11 @@ def folder(text, writable=False):
 
 
 def weights_choice(text):
-    name, path = text.strip(), Path(text.strip()).expanduser()
-    if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:   # DEFAULT: IMAGENET1K_V1
+    """IMAGENET1K_V1 (DEFAULT names it too), none, or a file's absolute path (checked in check_together())."""
+    name = text.strip()
+    if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:
         return "none" if name.lower() == "none" else models.ResNet18_Weights[name.upper()].name
-    try:
-        problem = None if path.is_file() else "not a regular file" if path.exists() else "no such file"
-    except OSError as error:   # e.g. in a folder we may not read
-        problem = error.strerror
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 "
-                                         f"state-dict file ({problem})")
-    return str(path.absolute())
+    return str(Path(name).expanduser().absolute())
 
 
 def schedule(text):
@@ -481,8 +475,9 @@ def settings_parser():
         parser.add_argument(flag(name), dest=name, metavar=name, type=type, default=constant_text(name),
                             help=help + " (default: %(default)s)", **more)
     whole, positive = "a whole number >= ", lambda x: 0 < x < math.inf
-    add("DATA_DIR", checked(folder, lambda path: not (path / "data_batch_1").exists(), "a folder: the one that holds "
-                            "(or will hold) cifar-10-batches-py, not that folder itself"), "holds, or receives, CIFAR-10")
+    add("DATA_DIR", checked(folder, lambda path: not (path / "data_batch_1").exists(), "a folder: the one that "
+                            "holds (or will hold) cifar-10-batches-py, not that folder itself"),
+        "holds, or receives, CIFAR-10")
     add("SEED", checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"), "random seed")
     add("VAL_FRACTION", checked(float, lambda x: 0 < x < 1, "a number strictly between 0 and 1, e.g. 0.1"),
         "share of the training images held out for validation")
@@ -553,6 +548,13 @@ def check_together(cfg):
                 f"epoch {epoch} is outside 1..{cfg.epochs} (EPOCHS)" if block in frozen else
                 f"{block} is already trainable then (FREEZE_UNTIL = {cfg.freeze_until}); name a frozen block"))
         frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
+    if os.path.isabs(cfg.weights) and not cfg.resume and not os.path.isfile(cfg.weights):   # resumed: last.pt
+        try:
+            problem = "not a regular file" if Path(cfg.weights).exists() else "no such file"
+        except OSError as error:   # e.g. in a folder we may not look into
+            problem = error.strerror
+        raise SettingError(f"WEIGHTS (--weights) = '{cfg.weights}' is not allowed: expected IMAGENET1K_V1, none, or "
+                           f"a ResNet18 state-dict file ({problem})")
     labels = torch.arange(SYNTHETIC_SIZES[0] if cfg.dry_run else CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class)
     left, fewest = len(labels) - len(val_idx), torch.bincount(labels[train_idx], minlength=NUM_CLASSES).min()

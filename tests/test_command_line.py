@@ -106,7 +106,7 @@ BAD = [
     (["--seed", "-1"], "SEED (--seed): '-1'", "from 0 to 4294967295"),
     (["--seed", "99999999999999999999"], "SEED", "from 0 to 4294967295"),
     (["--weights", "/dev/null"], "WEIGHTS (--weights)", "not a regular file"),
-    (["--weights", "imagenet22k"], "WEIGHTS (--weights): 'imagenet22k'", "IMAGENET1K_V1, none"),
+    (["--weights", "imagenet22k"], "WEIGHTS (--weights) = ", "imagenet22k' is not allowed: expected IMAGENET1K_V1, none"),
     (["--weights", "missing/resnet.pth"], "WEIGHTS", "no such file"),
     (["--monitor", "train_loss"], "MONITOR (--monitor): 'train_loss' is not allowed", "one of val_loss, val_acc"),
     (["--num-workers", "-2"], "NUM_WORKERS", "auto or a whole number >= 0"),
@@ -210,8 +210,9 @@ def test_a_missing_package_says_how_to_install_it():
 def test_a_path_that_cannot_be_looked_at_gets_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
     def denied(self, *args, **kwargs):   # what a folder without the x permission does for a normal user
         raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(ft.Path, "is_file", denied)
-    monkeypatch.setattr(ft.Path, "exists", denied)
+    exists = ft.Path.exists
+    monkeypatch.setattr(ft.Path, "exists", lambda self: denied(self) if "locked" in str(self) else exists(self))
+    monkeypatch.setattr(ft.os.path, "isfile", lambda path: False)
     assert_setting_error(*run(capsys, "--weights", tmp_path / "locked" / "w.pt")[::2], "WEIGHTS", "Permission denied")
     monkeypatch.undo()
     monkeypatch.setattr(ft.Path, "exists", denied)

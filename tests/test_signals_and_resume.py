@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from torchvision import models
 
 import fine_tuning as ft
 from conftest import load_state, run, start_script, tiny
@@ -113,16 +114,20 @@ def test_a_run_with_relative_folders_resumes_from_another_working_folder(own_cif
     data, md5 = own_cifar
     trust(monkeypatch, md5)
     monkeypatch.chdir(tmp_path)
-    args = ["--data-dir", "data", "--output-dir", "runs", "--weights", "none", "--batch-size", "8", "--epochs", "2"]
+    torch.save(models.resnet18().state_dict(), tmp_path / "start.pt")   # a --weights file, deleted before resuming
+    args = ["--data-dir", "data", "--output-dir", "runs", "--weights", "start.pt", "--batch-size", "8", "--epochs", "2"]
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)
         assert run(capsys, *args, "--run-name", "rel")[0] == 130
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    (tmp_path / "start.pt").unlink()                           # a resumed run loads last.pt instead
     code, out, err = run(capsys, "--resume", tmp_path / "runs" / "rel")
     assert code == 0, err                                      # the data was found where it was: no download
     assert (tmp_path / "runs" / "summary.csv").exists() and not (elsewhere / "runs").exists()
+    with open(tmp_path / "runs" / "summary.csv") as file:
+        assert next(csv.DictReader(file))["WEIGHTS"] == str(tmp_path / "start.pt")
 
 
 def test_resume_refuses_other_settings_missing_state_and_old_configs(tmp_path, capsys):
