@@ -1073,11 +1073,13 @@ def choose_precision(device):
 
 def cli(argv=None):
     """main() with every expected failure as a one-line message and an exit code: 0 done, 1 something
-    outside the code failed, 2 a bad setting, 130 stopped by Ctrl-C, 143 by SIGTERM."""
+    outside the code failed (or the output was closed), 2 a bad setting, 130 stopped by Ctrl-C, 143 by SIGTERM."""
     global stop_requested
     stop_requested, handlers = 0, {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return main(argv)
+        code = main(argv)
+        sys.stdout.flush()   # a closed output pipe is handled below, not by a traceback at exit
+        return code
     except SystemExit as exit:   # argparse: --help, or a bad setting (2)
         return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
     except (SettingError, RunError) as error:
@@ -1086,6 +1088,11 @@ def cli(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted.", file=sys.stderr)
         return 128 + (stop_requested or signal.SIGINT)
+    except BrokenPipeError:   # the reader of the output went away (`| head`): stop without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so that exit's own flush cannot fail
+        with contextlib.suppress(OSError):
+            print("error: the output was closed (by `| head`?): stopped.", file=sys.stderr)
+        return 1
     except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
         if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)):
             raise   # anything else is a bug: keep its traceback

@@ -217,3 +217,13 @@ def test_a_path_that_cannot_be_looked_at_gets_an_error_not_a_traceback(tmp_path,
     monkeypatch.undo()
     monkeypatch.setattr(ft.Path, "exists", denied)
     assert_setting_error(*run(capsys, "--output-dir", tmp_path / "locked" / "runs")[::2], "OUTPUT_DIR (--output-dir)")
+
+
+def test_output_closed_by_its_reader_stops_the_run_without_a_traceback(tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "fine_tuning.py"), "--dry-run", "--output-dir", tmp_path],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()                  # what `python fine_tuning.py | head -1` reads, before head exits
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == "error: the output was closed (by `| head`?): stopped."
