@@ -1094,10 +1094,14 @@ def cli(argv=None):
             print("error: the output was closed (by `| head`?): stopped.", file=sys.stderr)
         return 1
     except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
-        if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)):
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+            print("error: the GPU ran out of memory. Try a smaller --batch-size (e.g. 16) or --image-size (e.g. 128).",
+                  file=sys.stderr)
+        elif str(error).startswith("CUDA error"):   # a busy GPU, or one this build of torch does not support
+            print(f"error: the GPU failed ({str(error).splitlines()[0]}).\n  To train on the CPU instead, run: "
+                  "CUDA_VISIBLE_DEVICES= python fine_tuning.py ...", file=sys.stderr)
+        else:
             raise   # anything else is a bug: keep its traceback
-        print("error: the GPU ran out of memory. Try a smaller --batch-size (e.g. 16) or --image-size (e.g. 128).",
-              file=sys.stderr)
         return 1
     finally:
         for number, handler in handlers.items():

@@ -137,6 +137,17 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch_or_image(error, monkeypatch,
     assert code == 1 and "ran out of memory" in err and "--batch-size" in err and "--image-size" in err
 
 
+def test_a_gpu_that_fails_says_how_to_train_on_the_cpu(monkeypatch, tmp_path, capsys):
+    error = RuntimeError("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors "
+                         "might be asynchronously reported at some other API call")   # e.g. a GPU too old for torch
+    monkeypatch.setattr(ft, "train_one_epoch", lambda *args: (_ for _ in ()).throw(error))
+    code, _, err = run(capsys, *dry(tmp_path))
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines() == ["error: the GPU failed (CUDA error: no kernel image is available for execution on the "
+                                "device).", "  To train on the CPU instead, run: CUDA_VISIBLE_DEVICES= python "
+                                "fine_tuning.py ..."]
+
+
 def test_other_runtime_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(ft, "train_one_epoch", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
