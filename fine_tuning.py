@@ -1022,8 +1022,13 @@ def load_pretrained(model, weights):
 def state_dict_problem(model, state):
     """What stops `state` from being ResNet18 weights with finite values, or None."""
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        return "is not a state dict (a dict of parameter names to tensors)"
+
+    def is_state_dict(d):
+        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+    if not is_state_dict(state):   # a run's last.pt or a Lightning checkpoint holds one under a key
+        inside = next((key for key, v in state.items() if is_state_dict(v)), None) if isinstance(state, dict) else None
+        return "is not a state dict (a dict of parameter names to tensors)" + (
+            f"; it holds one under {inside!r}: save that alone, or pass a run's best.pt" if inside else "")
     if wrong := [k for k in expected if k not in state and "num_batches" not in k] + [
             k for k in state if k not in expected and not k.startswith("fc.")]:
         return f"is not a ResNet18 state dict (missing or unexpected: {', '.join(wrong[:3])})"
