@@ -966,6 +966,9 @@ def load_cifar10(data_dir):
         raise download_error("CIFAR-10", cifar.url, error, "DATA_DIR (--data-dir)", f"put {archive.name} in "
                              f"{root}, or extract it there so that {folder} holds the data_batch_* files") from None
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        if not folder.exists():   # torchvision checks a download's md5 before it extracts anything
+            raise RunError(f"the download of {cifar.url} failed its md5 check (a dropped connection?); run again."
+                           ) from None
         raise RunError(f"the CIFAR-10 files in {folder} cannot be read ({type(error).__name__}).{delete}") from None
     return *[(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(),   # NHWC -> NCHW
               torch.tensor(split.targets)) for split in (train, test)], list(train.classes)

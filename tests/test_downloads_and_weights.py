@@ -60,6 +60,15 @@ def test_a_full_disk_or_a_folder_we_may_not_write_during_a_download_is_named_as_
     assert_run_error(code, err, f"could not download the ImageNet weights: permission denied for {hub}", "TORCH_HOME")
 
 
+def test_a_cifar10_download_that_fails_its_md5_check_says_so(tmp_path, capsys, monkeypatch):
+    def truncated(*args, **kwargs):   # what torchvision raises when the downloaded archive fails its md5
+        raise RuntimeError("File not found or corrupted.")
+    monkeypatch.setattr(ft.datasets.CIFAR10, "download", truncated)
+    code, _, err = run(capsys, *tiny(tmp_path / "data", tmp_path / "runs", "--weights", "none"))
+    assert_run_error(code, err, "the download of https://www.cs.toronto.edu/", "failed its md5 check", "run again")
+    assert "Delete" not in err
+
+
 def test_a_corrupted_cifar10_file_names_the_folder_to_delete_and_is_not_downloaded_again(own_cifar, tmp_path,
                                                                                           capsys, monkeypatch):
     data, md5 = own_cifar
