@@ -386,6 +386,7 @@ SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-t
 DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3              # --dry-run: epochs, unless --epochs is given or the schedule needs more
 SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)   # the errno of a write to a full disk, or past a quota
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable",
            "seconds"]   # the columns of history.csv
 stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
@@ -598,7 +599,7 @@ def save(path, content):
 
 
 def write_error(path, error):
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error):
+    if getattr(error, "errno", None) in DISK_FULL or "unexpected pos" in str(error):
         return RunError(f"the disk is full: could not write {path.name} in {path.parent}; files saved before are "
                         "intact. Free some space, then run again (or --resume RUN_DIR)")
     return RunError(f"could not write {path}: {error.strerror or error}")
@@ -959,8 +960,7 @@ def load_cifar10(data_dir):
         raise RunError(f"permission denied: cannot read or write {error.filename}. Fix its permissions, or set "
                        "DATA_DIR (--data-dir) to another folder") from None
     except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error; a full disk
-        if archive.exists() and error.errno not in (errno.ENOSPC, errno.EDQUOT) and not check_integrity(
-                str(archive), cifar.tgz_md5):
+        if archive.exists() and error.errno not in DISK_FULL and not check_integrity(str(archive), cifar.tgz_md5):
             raise RunError(f"{archive} fails its md5 check (an interrupted download?), and no fresh copy could be "
                            f"downloaded ({error}). Delete it, or replace it with a complete copy.") from None
         raise download_error("CIFAR-10", cifar.url, error, "DATA_DIR (--data-dir)", f"put {archive.name} in "
@@ -979,7 +979,7 @@ def download_error(what, url, error, folder_setting, manual):
     if isinstance(error, PermissionError):
         return RunError(f"could not download {what}: permission denied for {error.filename}. Fix its permissions, "
                         f"or set {folder_setting} to another folder")
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return RunError(f"could not download {what}: the disk is full. Free some space, or set {folder_setting} "
                         "to a folder on another disk")
     return RunError(f"could not download {what} from {url}\n  ({type(error).__name__}: {error})\n  Without internet, "
