@@ -69,6 +69,7 @@ try:   # the light packages first, so that a missing one is reported at once
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
     from torchvision.datasets.utils import check_integrity
+    from filelock import FileLock   # installed with torch: lets concurrent runs take turns with a file
 except ImportError as missing:
     sys.exit(f"error: {missing.name or missing} is not installed. Run: pip install -r requirements.txt")
 if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) < (2, 5):
@@ -93,7 +94,7 @@ def load_data(cfg, hw):
     kept = f" (kept {cfg.train_per_class} per class, of {available:,})" if len(train_idx) < available else ""
     print(f"data: {len(train_idx):,} train{kept} / {len(val_idx):,} validation / {len(test_labels):,} test "
           f"images, {len(classes)} classes")
-    common = dict(num_workers=hw.num_workers, pin_memory=hw.device.type == "cuda",   # pinned: async copies
+    common = dict(num_workers=hw.num_workers, pin_memory=hw.pin_memory,   # pinned: async copies to CUDA
                   persistent_workers=hw.num_workers > 0, worker_init_fn=ignore_stop_signals)
     ## The training set is shuffled by a generator of its own, which
     ## train_one_epoch() reseeds every epoch. drop_last avoids a last batch of
@@ -129,10 +130,10 @@ def random_crop_flip(images, generator, padding=4):
     n, channels, height, width = images.shape
     on = images.device
     padded = F.pad(images, (padding,) * 4)   # zero (black) border, as torchvision's RandomCrop
-    # Drawn where the generator lives (on CUDA: the GPU, so no copy makes the CPU wait).
+    # Drawn where the generator lives: on CUDA the GPU itself, so there is nothing to copy.
     draw = dict(generator=generator, device=generator.device)
-    top, left = torch.randint(0, 2 * padding + 1, (2, n, 1), **draw).to(on, non_blocking=True)
-    flip = (torch.rand(n, 1, **draw) < 0.5).to(on, non_blocking=True)
+    top, left = torch.randint(0, 2 * padding + 1, (2, n, 1), **draw).to(on)
+    flip = (torch.rand(n, 1, **draw) < 0.5).to(on)
     rows = top + torch.arange(height, device=on)                  # (n, height): the rows each crop reads
     cols = left + torch.arange(width, device=on)
     cols = torch.where(flip, cols.flip(1), cols)                  # a flip reads the columns right to left
@@ -140,12 +141,19 @@ def random_crop_flip(images, generator, padding=4):
                   rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
 
 
-## The pretrained weights expect inputs normalised with ImageNet's mean and
-## standard deviation (hw.mean and hw.std, from the weights' own transforms),
-## and images near ImageNet's size: on a GPU we upsample 32 -> 224 pixels.
+## The pretrained weights expect what they saw in training: inputs normalised
+## with the mean and standard deviation of ImageNet's images, per colour
+## channel (from the weights' own preset), and images near ImageNet's size:
+## on a GPU we upsample 32 -> 224 pixels.
+def imagenet_normalization(device):
+    """ImageNet's per-channel mean and std, in pixel units (0..255), shaped to broadcast over a batch."""
+    preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    return [torch.tensor(values, device=device).view(1, 3, 1, 1) * 255 for values in (preset.mean, preset.std)]
+
+
 def model_inputs(images, hw, augment_with=None):
     """uint8 batch -> normalised float batch of IMAGE_SIZE pixels, on the device."""
-    images = images.to(hw.device, non_blocking=True)   # non-blocking: overlaps with GPU work
+    images = images.to(hw.device, non_blocking=hw.non_blocking)   # CUDA: overlaps with GPU work
     if augment_with is not None:
         images = random_crop_flip(images, augment_with)
     x = (images.float() - hw.mean) / hw.std
@@ -256,15 +264,18 @@ def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
     augment_with = torch.Generator(hw.generator_device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
     progress = Progress(loader, f"epoch {epoch}", cfg.max_batches, hw.device)
     for images, labels in progress:
-        x, y = model_inputs(images, hw, augment_with), labels.to(hw.device, non_blocking=True)
-        with hw.autocast():   # mixed precision on CUDA; plain float32 elsewhere
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        hw.scaler.scale(loss).backward()   # the scaler is a no-op unless training in fp16
-        hw.scaler.step(optimizer)
-        hw.scaler.update()
-        progress.add(loss, logits, y)      # running sums; a nan or inf loss stops the run
+        x, y = model_inputs(images, hw, augment_with), labels.to(hw.device, non_blocking=hw.non_blocking)
+        logits = model(x)                          # forward pass
+        loss = F.cross_entropy(logits.float(), y)  # loss (.float(): on a GPU, logits may be 16-bit)
+        optimizer.zero_grad(set_to_none=True)      # clear the last step's gradients
+        if not hw.scaler.is_enabled():
+            loss.backward()                        # gradients reach only the trainable blocks
+            optimizer.step()                       # each parameter group at its own learning rate
+        else:   # GPU in float16 only (a T4): the same two steps through the gradient scaler (see Hardware)
+            hw.scaler.scale(loss).backward()
+            hw.scaler.step(optimizer)
+            hw.scaler.update()
+        progress.add(loss, logits, y)              # running sums; a nan or inf loss stops the run
     return progress.result()
 
 
@@ -278,11 +289,11 @@ def evaluate(model, loader, hw, cfg, desc):
     progress = Progress(loader, desc, cfg.max_batches, hw.device)
     confusion = torch.zeros(NUM_CLASSES ** 2, dtype=torch.int64, device=hw.device)
     for images, labels in progress:
-        x, y = model_inputs(images, hw), labels.to(hw.device, non_blocking=True)
-        with hw.autocast():
-            logits = model(x).float()
+        x, y = model_inputs(images, hw), labels.to(hw.device, non_blocking=hw.non_blocking)
+        logits = model(x).float()
         progress.add(F.cross_entropy(logits, y), logits, y)   # a nan or inf loss stops the run here too
-        confusion += torch.bincount(y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES ** 2)
+        # index_add_ into a fixed-size tensor: unlike bincount, it never makes the CPU wait for the GPU.
+        confusion.index_add_(0, y * NUM_CLASSES + logits.argmax(1), torch.ones_like(y))
     result = progress.result()
     return result and (result[0], confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
 
@@ -346,12 +357,12 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
 def main(argv=None):
     """Settings -> data -> model -> freeze -> optimizer -> epochs with early stopping -> test -> report."""
     cfg = parse_settings(argv)   # the constants, as overridden by flags or by the run being resumed
-    hw = Hardware(cfg)           # the device, its precision, and ImageNet's normalisation
+    hw = Hardware(cfg)           # the device, its precision, ImageNet's normalisation on it
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model = build_model(cfg.weights)
     train_loader, val_loader, test_loader, classes = load_data(cfg, hw)
     freeze(model, cfg.freeze_until)
-    model.to(hw.device, memory_format=hw.memory_format)
+    model = hw.prepare(model)    # on the device; on a GPU, the forward pass in mixed precision
     optimizer = make_optimizer(param_groups(model, cfg), hw.device)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, "min" if cfg.monitor == "val_loss" else "max")
     run = open_run(cfg, hw, model, optimizer, stopper)   # a new run folder, or the resumed run's state
@@ -391,8 +402,6 @@ HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}
            "seconds"]   # the columns of history.csv
 stop_requested = 0              # the signal that asked the run to stop: SIGINT (Ctrl-C) or SIGTERM
 finishing_batch = False         # True while training: then the first signal lets the batch finish
-if os.name == "posix":
-    import fcntl                # lets concurrent runs take turns with summary.csv
 
 
 class SettingError(Exception):
@@ -506,8 +515,10 @@ def settings_parser():
     parser.add_argument("--dry-run", action="store_true", help=f"check your install offline in seconds: synthetic "
                         f"data, random weights, {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless "
                         "--epochs is given; every other setting kept")
-    parser.add_argument("--run-name", type=checked(str, lambda name: re.fullmatch(r"\w[\w.+=-]*", name) and name !=
-                        "summary.csv", "a folder name of letters, digits and ._+=-, not summary.csv"),
+    windows = r"(?!(?i:con|prn|aux|nul|com\d|lpt\d)(\.|$))"   # names Windows reserves; no name may end in "."
+    parser.add_argument("--run-name", type=checked(str, lambda name: re.fullmatch(windows + r"\w[\w.+=-]*(?<!\.)",
+                        name) and name != "summary.csv", "a folder name of letters, digits and ._+=- that Windows "
+                        "accepts too (not CON, NUL..., no '.' at the end), not summary.csv"),
                         help="name of the run folder (default: time and settings)")
     parser.add_argument("--resume", metavar="RUN_DIR", type=checked(folder, lambda p: (p / "config.json").is_file(),
                         "a run folder made by this script"), help="continue an interrupted run")
@@ -609,9 +620,7 @@ def add_to_summary(output_dir, row):
     """Add this run's row to OUTPUT_DIR/summary.csv, one run at a time; returns every row."""
     path = Path(output_dir) / "summary.csv"
     try:
-        with open(path.with_name(".summary.lock"), "a") as lock:
-            if os.name == "posix":   # the lock is held until the file closes, even if the process dies
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(path.with_name(".summary.lock")):   # on every platform; freed if the process dies
             reader = csv.DictReader(io.StringIO(path.read_text() if path.exists() else ""))
             rows, columns = [*reader, row], reader.fieldnames or []
             save(path, ([*row] + [c for c in columns if c not in row], rows))
@@ -629,7 +638,10 @@ def load_checkpoint(path, what):
             warnings.simplefilter("ignore")
             ## weights_only=True refuses pickled Python objects: unpickling an
             ## untrusted file could otherwise run arbitrary code on your machine.
-            return torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(content, torch.jit.ScriptModule):   # torch < 2.6 loads TorchScript instead of refusing it
+            raise RuntimeError("a TorchScript archive")
+        return content
     except Exception as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         module, _, name = found[1].rpartition(".") if found else ("", "", "")
@@ -669,7 +681,8 @@ def open_run(cfg, hw, model, optimizer, stopper):
                 unfreeze(model, optimizer, block, cfg)   # the same parameter groups, in the same order
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        hw.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and hw.scaler.is_enabled():   # a run may resume on a GPU of another precision
+            hw.scaler.load_state_dict(state["scaler"])
         vars(stopper).update(state["early_stopping"])
         run.history, run.next_epoch = list(state["history"]), state["epoch"] + 1
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -1004,7 +1017,8 @@ def load_pretrained(model, weights):
     state = None
     try:   # the same download, cache and hash check as resnet18(weights=...), loaded with weights_only=True
         if imagenet and not path.exists():
-            state = imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
+            with contextlib.redirect_stderr(sys.stdout):   # torch < 2.6 prints "Downloading: ..." to stderr
+                state = imagenet.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError) as error:   # no network, proxy, SSL or HTTP error; disk, permission
         raise download_error("the ImageNet weights", imagenet.url, error, "TORCH_HOME (an environment variable)",
                              f"put {path.name} in {path.parent}, or pass its path: --weights PATH") from None
@@ -1044,11 +1058,11 @@ def state_dict_problem(model, state):
 
 # --- Devices and precision, and the exit codes ------------------------------------------------------------
 class Hardware:
-    """The device and what depends on it: precision, memory layout, workers, input normalisation."""
+    """The device and what depends on it: precision, memory layout, workers, copies, input normalisation."""
 
     def __init__(self, cfg):
         self.device, self.image_size, cuda = cfg.device, cfg.image_size, cfg.device.type == "cuda"
-        self.amp_dtype = choose_precision(self.device)
+        self.amp_dtype, why = choose_precision(self.device)
         ## fp16 has a narrow range: small gradients underflow to zero unless the
         ## loss is scaled up first. bf16 has fp32's range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -1056,27 +1070,42 @@ class Hardware:
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         # On a 2-core CPU, workers only compete with training; on CUDA the CPU is otherwise idle.
         self.num_workers = (2 if cuda else 0) if cfg.num_workers == "auto" else cfg.num_workers
+        # Non-blocking copies only from pinned memory to CUDA: on MPS, from unpinned memory, they have
+        # silently corrupted data in several torch releases.
+        self.non_blocking = self.pin_memory = cuda
         self.generator_device = self.device if cuda else torch.device("cpu")
         torch.backends.cudnn.benchmark = cuda   # fixed input sizes: time the convolution algorithms once
-        ## For --weights none we keep ImageNet's numbers too, so a comparison changes one thing only.
-        preset = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
-        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255
-                               for v in (preset.mean, preset.std))
-        print(f"device: {self.device}   image size: {self.image_size}px   precision: "
-              f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}")
+        self.mean, self.std = imagenet_normalization(self.device)
+        gpu = f" ({torch.cuda.get_device_name(self.device)}, compute capability {capability(self.device)})" if cuda else ""
+        print(f"device: {self.device}{gpu}   image size: {self.image_size}px   precision: "
+              f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}{f' ({why})' * bool(why)}")
         if cfg.dry_run:
             print(f"dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = {cfg.settings['WEIGHTS']}), "
                   f"{DRY_RUN_BATCHES} batches per phase, EPOCHS = {cfg.epochs} unless --epochs is given; every other "
                   "setting as given")
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def prepare(self, model):
+        """The model on the device, in its memory layout; on a GPU its forward pass runs in mixed precision."""
+        model.to(self.device, memory_format=self.memory_format)
+        if self.amp_dtype is not None:   # entered only when used: torch.autocast("mps", enabled=False) can fail
+            model.forward = torch.autocast(self.device.type, dtype=self.amp_dtype)(model.forward)
+        return model
+
+
+def capability(device):
+    return ".".join(map(str, torch.cuda.get_device_capability(device)))
 
 
 def choose_precision(device):
-    """Mixed precision on CUDA: bf16 where the GPU supports it, else fp16. Full fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """(autocast dtype, why) by what the GPU has: bf16 from compute capability 8.0 (A100, RTX 30xx and newer);
+    fp16 with a gradient scaler on 7.x (V100, T4, RTX 20xx), whose cuDNN has no bf16 convolutions although
+    torch.cuda.is_bf16_supported() says True; float32 below 7.0 (no tensor cores), on the CPU and on MPS."""
+    if device.type != "cuda":
+        return None, ""
+    major = torch.cuda.get_device_capability(device)[0]
+    if major >= 8:
+        return torch.bfloat16, ""
+    return (torch.float16, "bf16 needs 8.0 or newer") if major == 7 else (None, "no tensor cores below 7.0")
 
 
 def cli(argv=None):

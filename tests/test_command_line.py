@@ -126,6 +126,10 @@ BAD = [
     (["--freeze-until", "none", "--unfreeze-schedule", "2:layer1"], "UNFREEZE_SCHEDULE", "already trainable"),
     (["--run-name", "../elsewhere"], "--run-name", "a folder name"),
     (["--run-name", ".hidden"], "--run-name", "a folder name"),
+    (["--run-name", "12:30"], "--run-name", "that Windows accepts too"),      # no ':' in a Windows name
+    (["--run-name", "NUL"], "--run-name", "not CON, NUL"),
+    (["--run-name", "com1.old"], "--run-name", "not CON, NUL"),
+    (["--run-name", "trial."], "--run-name", "no '.' at the end"),
     (["--resume", ""], "--resume", "a run folder made by this script"),
     (["--epcohs", "3"], "unrecognized arguments: --epcohs", ""),
 ]
