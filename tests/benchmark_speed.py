@@ -47,11 +47,18 @@ def default_cfg(data_dir, image_size):
     return ft.parse_settings(["--data-dir", str(data_dir), "--weights", "none", "--image-size", image_size])
 
 
-def frozen_model(cfg, device, memory_format=torch.contiguous_format):
+def frozen_model(cfg, device, hw=None):
+    """The script's model, frozen as at its defaults; with `hw`, placed as the script places it (device,
+    memory layout, and mixed precision on a GPU), else in float32 and the default layout (the baseline)."""
     torch.manual_seed(0)
     model = ft.build_model("none")            # same compute as the ImageNet weights
     ft.freeze(model, cfg.freeze_until)
-    return model.to(device, memory_format=memory_format)
+    return hw.prepare(model) if hw else model.to(device)
+
+
+def synchronize(device):
+    if device.type == "cuda":                 # GPU work is asynchronous: wait for it before reading the clock
+        torch.cuda.synchronize()
 
 
 class ScriptLoop:
@@ -60,13 +67,15 @@ class ScriptLoop:
     def __init__(self, cfg, device):
         self.hw, self.cfg, self.epoch = ft.Hardware(cfg), cfg, 0
         self.loader, self.val_loader, _, _ = ft.load_data(cfg, self.hw)
-        self.model = frozen_model(cfg, device, self.hw.memory_format)
+        self.model = frozen_model(cfg, device, self.hw)
         self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg), device)
+        self.device = device
 
     def run(self, steps):
         self.epoch += 1
         self.cfg.max_batches = steps
         ft.train_one_epoch(self.model, self.loader, self.optimizer, self.hw, self.epoch, self.cfg)
+        synchronize(self.device)
 
 
 class BoundLoop:
@@ -76,7 +85,7 @@ class BoundLoop:
         self.hw = ft.Hardware(cfg)
         if memory_format is not None:          # --other-layout: the layout the script does not use
             self.hw.memory_format, self.name = memory_format, f"bound-{str(memory_format)[6:]}"
-        self.model = frozen_model(cfg, device, self.hw.memory_format)
+        self.model = frozen_model(cfg, device, self.hw)
         self.optimizer = ft.make_optimizer(ft.param_groups(self.model, cfg), device)
         size = cfg.image_size
         self.x = torch.randn(cfg.batch_size, 3, size, size, device=device).contiguous(
@@ -86,15 +95,13 @@ class BoundLoop:
 
     def run(self, steps):
         ft.set_train_mode(self.model)
-        for _ in range(steps):
-            with self.hw.autocast():
-                loss = F.cross_entropy(self.model(self.x), self.y)
+        for _ in range(steps):           # the script's training step, without its data or bookkeeping
+            loss = F.cross_entropy(self.model(self.x).float(), self.y)
             self.optimizer.zero_grad(set_to_none=True)
-            self.hw.scaler.scale(loss).backward()
+            self.hw.scaler.scale(loss).backward()   # the scaler passes the loss through unless fp16
             self.hw.scaler.step(self.optimizer)
             self.hw.scaler.update()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)
 
 
 class BaselineLoop:
@@ -108,7 +115,7 @@ class BaselineLoop:
         dataset = datasets.CIFAR10(cfg.data_dir, train=True, transform=transforms.Compose(steps))
         loader = DataLoader(dataset, cfg.batch_size, shuffle=True, num_workers=4, persistent_workers=True)
         self.batches = iter(self.cycle(loader))
-        self.model = frozen_model(cfg, device)
+        self.model = frozen_model(cfg, device)   # float32, as the tutorial
         self.optimizer = torch.optim.Adam(ft.param_groups(self.model, cfg))
         self.device = device
 
@@ -165,6 +172,17 @@ def real_run(data_dir, md5_file, torch_home, out_dir, train_seconds, image_size)
     return startup, peak_mib, process.returncode
 
 
+def one_epoch(data_dir, md5_file, torch_home, out_dir, image_size):
+    """`python fine_tuning.py --epochs 1` through the test launcher, whole: (seconds, exit code, epoch row)."""
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "FT_TEST_MD5": str(md5_file)}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "launcher.py"), "--epochs", "1", "--data-dir",
+                             str(data_dir), "--output-dir", str(out_dir), "--image-size", image_size],
+                            capture_output=True, text=True, env=env)
+    row = next((line.strip() for line in result.stdout.splitlines() if line.strip().startswith("1 ")), "none")
+    return time.perf_counter() - start, result.returncode, row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per loop per round")
@@ -173,6 +191,8 @@ def main():
     parser.add_argument("--image-size", default="auto", help="IMAGE_SIZE to measure (default: the script's auto)")
     parser.add_argument("--script-only", action="store_true", help="time the script's loop alone, and a validation "
                         "pass from 10 batches (for slow settings such as 224 px on a CPU)")
+    parser.add_argument("--epoch", action="store_true", help="then run `python fine_tuning.py --epochs 1` whole on "
+                        "the same files, and time it from launch to exit (test pass included)")
     parser.add_argument("--other-layout", action="store_true",
                         help="also time the bound in the memory layout the script does not use on this device")
     args = parser.parse_args()
@@ -209,6 +229,9 @@ def main():
         ft.evaluate(script.model, script.val_loader, script.hw, script.cfg, "val")
         validation_s = (time.perf_counter() - start) * len(script.val_loader) / min(
             len(script.val_loader), script.cfg.max_batches or len(script.val_loader))
+        if args.epoch:
+            del loops, script                  # free the device's memory for the real run
+            epoch = one_epoch(tmp / "data", tmp / "md5.json", tmp / "home", tmp / "epoch", args.image_size)
 
     print(f"\n{'loop':<20}{'images/s':>10}")
     for name, rate in rates.items():
@@ -221,6 +244,9 @@ def main():
     print(f"benchmark process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if args.epoch:
+        print(f"python fine_tuning.py --epochs 1: {epoch[0]:.1f} s from launch to exit (exit code {epoch[1]}); "
+              f"its epoch row: {epoch[2]}")
     per_epoch = 45_000 / rates["script"]
     print(f"one epoch at this rate: training {per_epoch:.0f} s (45,000 images), validation {validation_s:.1f} s "
           f"(5,000 images{', from 10 batches' if args.script_only else ''}) = "
