@@ -20,15 +20,19 @@ VAL_FRACTION = 0.1           # of the 50,000 training images: 45,000 train / 5,0
 TRAIN_PER_CLASS = "all"      # "all", or keep N training images per class: try 100 (little data)
 IMAGE_SIZE = "auto"          # "auto": 224 on CUDA (ImageNet's size), 32 elsewhere (CIFAR's, fast)
 # model
-WEIGHTS = "IMAGENET1K_V1"    # ImageNet weights; "none" = from scratch; or a state-dict file
+WEIGHTS = "IMAGENET1K_V1"    # ImageNet weights; "none" = random (from scratch: with FREEZE_UNTIL
+                             # "none"); or a ResNet18 state-dict file
 FREEZE_UNTIL = "layer2"      # last frozen block: none, stem, layer1..layer4 (layer4 = feature
                              # extraction: only the new head trains)
 UNFREEZE_SCHEDULE = {}       # gradual unfreezing: {5: "layer2", 10: "layer1"} releases layer2 at
                              # the start of epoch 5, layer1 at epoch 10
+FROZEN_BN = "eval"           # BatchNorm in frozen blocks: "eval" keeps ImageNet's statistics,
+                             # "train" adapts them to CIFAR-10 (the convolutions stay frozen)
 # optimizer
 BATCH_SIZE = 32              # images per step
 EPOCHS = 15                  # at most; early stopping usually ends the run sooner
 BACKBONE_LR = 1e-4           # layer4's learning rate: small steps keep what ImageNet taught
+                             # (Adam: a rate above 1 is refused, as a typo for 1e-x)
 LAYER_LR_DECAY = 1.0         # each block below layer4 learns at this times the rate above it
                              # (1.0: every pretrained block at BACKBONE_LR; try 0.5)
 HEAD_LR = 1e-3               # the new head starts from random weights: 10x larger steps
@@ -52,9 +56,11 @@ import pickle
 import re
 import signal
 import sys
+import textwrap
 import time
 import urllib.error
 import warnings
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,9 +175,12 @@ def model_inputs(images, hw, augment_with=None):
 ## fresh 10-way layer for CIFAR-10's classes.
 def build_model(weights):
     """ResNet18 with the chosen weights and a new, randomly initialised 10-way head."""
-    model = models.resnet18(weights=None)
+    model = models.resnet18(weights=None)              # the architecture, with random weights
     if weights != "none":
-        load_pretrained(model, weights)   # ImageNet's (downloaded once, then cached) or a file's
+        ## ImageNet's weights are downloaded once into torch's cache (the file
+        ## and hash check of resnet18(weights="IMAGENET1K_V1")), then read there.
+        backbone = pretrained_weights(model, weights)  # ImageNet's or a file's, checked before use
+        model.load_state_dict(backbone, strict=False)  # strict=False: no weights for fc, replaced next
     model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)   # the new head
     return model
 
@@ -179,13 +188,16 @@ def build_model(weights):
 # === Freezing: which blocks learn =======================================================================
 ## Early blocks detect generic things (edges, colours, textures) that help on
 ## any image, so we freeze them; later blocks combine them into ImageNet-
-## specific parts, so we fine-tune them. "Frozen" takes two switches:
+## specific parts, so we fine-tune them. "Frozen" has two switches:
 ##   1. requires_grad=False: the optimizer never changes the weights;
-##   2. eval mode for the block's BatchNorm layers: in train mode BatchNorm
-##      normalises with each batch's statistics and keeps updating its running
-##      averages -- so a "frozen" block would still drift. model.train() puts
-##      every layer back into train mode, so set_train_mode() re-applies eval
-##      mode to frozen blocks every epoch.
+##   2. the mode of the block's BatchNorm layers. In train mode BatchNorm
+##      normalises with each batch's statistics and updates its running
+##      averages (momentum 0.1: 99% of ImageNet's are replaced within 44
+##      batches). In eval mode it uses the running averages and keeps them.
+## Which is better is a real choice: Keras keeps every BatchNorm in eval mode;
+## fastai trains the BatchNorm of frozen blocks. FROZEN_BN chooses ("eval" by
+## default). model.train() puts every layer into train mode, so
+## set_train_mode() puts frozen blocks back into eval mode, every epoch.
 def block_modules(model):
     """The six blocks of ResNet18 that freezing and learning rates act on, input to output."""
     return {"stem": nn.ModuleList([model.conv1, model.bn1]), "layer1": model.layer1,
@@ -203,11 +215,11 @@ def freeze(model, freeze_until):
         blocks[name].requires_grad_(False)
 
 
-def set_train_mode(model):
-    """model.train(), but frozen blocks stay in eval mode so their BatchNorm statistics never change."""
+def set_train_mode(model, frozen_bn="eval"):
+    """model.train(); with frozen_bn "eval", frozen blocks stay in eval mode: their BatchNorm keeps its statistics."""
     model.train()
     for block in block_modules(model).values():
-        if not is_trainable(block):
+        if not is_trainable(block) and frozen_bn == "eval":
             block.eval()
 
 
@@ -215,9 +227,9 @@ def set_train_mode(model):
 ## Discriminative learning rates: the pretrained blocks are already good, so
 ## they take small steps that adapt them without destroying what they know.
 ## The new head starts from random numbers and must move far, so it gets a
-## 10x larger rate (HEAD_LR). LAYER_LR_DECAY adds the seed's third tier: the
-## earlier a block, the more generic its features, so each block below layer4
-## can learn more slowly than the one above it. Adam takes a list of
+## 10x larger rate (HEAD_LR). LAYER_LR_DECAY adds a third tier between them:
+## the earlier a block, the more generic its features, so each block below
+## layer4 can learn more slowly than the one above it. Adam takes a list of
 ## "parameter groups", each with its own lr; frozen parameters are not given.
 def block_lr(name, cfg):
     """HEAD_LR for the head; BACKBONE_LR for layer4, times LAYER_LR_DECAY per block further down."""
@@ -232,7 +244,8 @@ def param_groups(model, cfg):
 
 
 def make_optimizer(groups, device):
-    # fused=True runs Adam's update as one kernel instead of a loop over parameters.
+    # fused=True: one kernel for all the tensors on CUDA, one C++ loop over them on the CPU, instead of
+    # several small operations per tensor.
     return torch.optim.Adam(groups, fused=device.type in ("cuda", "cpu"))
 
 
@@ -248,7 +261,7 @@ def unfreeze(model, optimizer, block_name, cfg):
             optimizer.add_param_group({"name": name, "params": list(blocks[name].parameters()),
                                        "lr": block_lr(name, cfg)})
             released.append(name)
-    return released   # set_train_mode() now leaves their BatchNorm in train mode
+    return released   # set_train_mode() now leaves their BatchNorm in train mode, whatever FROZEN_BN
 
 
 # === The training step ==================================================================================
@@ -259,7 +272,7 @@ def unfreeze(model, optimizer, block_name, cfg):
 ## sees exactly the batches an uninterrupted one would.
 def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
     """One pass over the training split: (mean loss, accuracy), or None if stopped part-way."""
-    set_train_mode(model)   # frozen blocks stay in eval mode
+    set_train_mode(model, cfg.frozen_bn)   # frozen blocks' BatchNorm as FROZEN_BN says
     loader.sampler.generator.manual_seed(epoch_seed(cfg.seed, epoch, 0))
     augment_with = torch.Generator(hw.generator_device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
     progress = Progress(loader, f"epoch {epoch}", cfg.max_batches, hw.device)
@@ -348,7 +361,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
         ## The best epoch's weights go to best.pt: they are what we test at the end.
         save_epoch(run, model, optimizer, hw, stopper, improved, dict(
             epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-            seconds=round(time.perf_counter() - started, 2)))
+            seconds=round(time.perf_counter() - started, 2), val_images=confusion.sum().item()))
         if stopping():
             break
 
@@ -366,7 +379,7 @@ def main(argv=None):
     optimizer = make_optimizer(param_groups(model, cfg), hw.device)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, "min" if cfg.monitor == "val_loss" else "max")
     run = open_run(cfg, hw, model, optimizer, stopper)   # a new run folder, or the resumed run's state
-    print_blocks(model, optimizer)
+    print_blocks(model, optimizer, cfg.frozen_bn)
     with stop_after_batch():     # Ctrl-C or SIGTERM: finish the batch, keep the files, then stop
         fit(model, optimizer, hw, train_loader, val_loader, stopper, run)
     reason = stop_reason(run, stopper)
@@ -390,7 +403,7 @@ def main(argv=None):
 # The lesson ends here: on a first read, stop and go on with the README. Below is plumbing: the command
 # line and its checks, files, the run folder and resume, reports, signals and progress, downloads, devices.
 # =========================================================================================================
-SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZE_UNTIL UNFREEZE_SCHEDULE BATCH_SIZE "
+SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZE_UNTIL UNFREEZE_SCHEDULE FROZEN_BN BATCH_SIZE "
             "EPOCHS BACKBONE_LR LAYER_LR_DECAY HEAD_LR MONITOR PATIENCE MIN_DELTA NUM_WORKERS OUTPUT_DIR").split()
 CIFAR10_TRAIN_IMAGES = 50_000   # known before any download, so the split is checked first
 SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-tinted noise
@@ -446,6 +459,8 @@ def weights_choice(text):
     name = text.strip()
     if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:
         return "none" if name.lower() == "none" else models.ResNet18_Weights[name.upper()].name
+    if not os.path.exists(name) and not re.search(r"[/\\.~]", name):   # a word, not a path: a misspelt name
+        raise ValueError(name)
     return str(Path(name).expanduser().absolute())
 
 
@@ -484,7 +499,7 @@ def settings_parser():
     def add(name, type, help, **more):
         parser.add_argument(flag(name), dest=name, metavar=name, type=type, default=constant_text(name),
                             help=help + " (default: %(default)s)", **more)
-    whole, positive = "a whole number >= ", lambda x: 0 < x < math.inf
+    whole, rate, typo = "a whole number >= ", lambda x: 0 < x <= 1, " (Adam: above 1 is surely a typo)"
     add("DATA_DIR", checked(folder, lambda path: not (path / "data_batch_1").exists(), "a folder: the one that "
                             "holds (or will hold) cifar-10-batches-py, not that folder itself"),
         "holds, or receives, CIFAR-10")
@@ -494,17 +509,19 @@ def settings_parser():
     add("TRAIN_PER_CLASS", checked(int, lambda n: n >= 1, whole + "1", "all"), "training images kept per class")
     add("IMAGE_SIZE", checked(int, lambda n: 32 <= n <= 512, "a whole number from 32 to 512 (CIFAR has 32 pixels, "
                               "ImageNet about 224)", "auto"), "pixels fed to the model; auto: 224 on CUDA, else 32")
-    add("WEIGHTS", weights_choice, "IMAGENET1K_V1, none (random init), or a ResNet18 state-dict file")
+    add("WEIGHTS", checked(weights_choice, bool, "one of the known names IMAGENET1K_V1 and none, or the path of a "
+                           "ResNet18 state-dict file"), "IMAGENET1K_V1, none (random init), or a ResNet18 state-dict file")
     add("FREEZE_UNTIL", one_of("none", *BLOCKS[:-1]), "last frozen block: %(choices)s", choices=["none", *BLOCKS[:-1]])
     add("UNFREEZE_SCHEDULE", checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 5:layer2,"
                                      "10:layer1, each epoch once, blocks from stem to layer4"), "gradual unfreezing")
+    add("FROZEN_BN", one_of("eval", "train"), "BatchNorm of frozen blocks: %(choices)s", choices=["eval", "train"])
     add("BATCH_SIZE", checked(int, lambda n: n >= 2, whole + "2 (BatchNorm in train mode needs 2 or more images "
                               "to normalise over)"), "training batch size")
     add("EPOCHS", checked(int, lambda n: n >= 1, whole + "1"), "maximum number of epochs")
-    add("BACKBONE_LR", checked(float, positive, "a positive number, e.g. 1e-4"), "layer4's learning rate")
+    add("BACKBONE_LR", checked(float, rate, "a learning rate in (0, 1], e.g. 1e-4" + typo), "layer4's learning rate")
     add("LAYER_LR_DECAY", checked(float, lambda x: 0 < x <= 1, "a number in (0, 1], e.g. 0.5"),
         "each block below layer4 learns at this times the rate of the block above")
-    add("HEAD_LR", checked(float, positive, "a positive number, e.g. 1e-3"), "the new head's learning rate")
+    add("HEAD_LR", checked(float, rate, "a learning rate in (0, 1], e.g. 1e-3" + typo), "the new head's learning rate")
     add("MONITOR", one_of("val_loss", "val_acc"), "what early stopping watches: %(choices)s",
         choices=["val_loss", "val_acc"])
     add("PATIENCE", checked(int, lambda n: n >= 0, whole + "0"), "epochs without improvement before stopping")
@@ -528,6 +545,9 @@ def settings_parser():
 def parse_settings(argv=None):
     """The checked settings, named in lower case, with the run's own options and the device."""
     argv, parser = sys.argv[1:] if argv is None else list(argv), settings_parser()
+    for i in range(len(argv) - 1, 0, -1):   # argparse takes "-1e-3" (or -inf) for an option, not a flag's value
+        if re.fullmatch(r"--[\w-]+", argv[i - 1]) and re.fullmatch(r"-(\d[\d.]*e[-+]?\d+|inf|nan)", argv[i], re.I):
+            argv[i - 1:i + 1] = [f"{argv[i - 1]}={argv[i]}"]
     options = parser.parse_args(argv)
     if options.resume:
         if others := [a for a in argv if a.startswith("--") and not a.startswith("--resume")]:
@@ -552,13 +572,16 @@ def parse_settings(argv=None):
 
 
 def check_together(cfg):
-    """The checks that need two settings; the split is checked on CIFAR-10's known size."""
-    frozen = BLOCKS[:BLOCKS.index(cfg.freeze_until) + 1] if cfg.freeze_until != "none" else []
+    """The checks that need two settings; the split is checked on CIFAR-10's known size, also for a dry run."""
+    frozen, released = BLOCKS[:BLOCKS.index(cfg.freeze_until) + 1] if cfg.freeze_until != "none" else [], {}
     for epoch, block in sorted(cfg.unfreeze_schedule.items()):
         if not (1 <= epoch <= cfg.epochs and block in frozen):
             raise SettingError(f"UNFREEZE_SCHEDULE (--unfreeze-schedule): {epoch}:{block} is not allowed: " + (
                 f"epoch {epoch} is outside 1..{cfg.epochs} (EPOCHS)" if block in frozen else
-                f"{block} is already trainable then (FREEZE_UNTIL = {cfg.freeze_until}); name a frozen block"))
+                f"{released[block]} already released {block}: unfreezing a block releases every block after it"
+                if block in released else
+                f"{block} is already trainable (FREEZE_UNTIL = {cfg.freeze_until}); name a frozen block"))
+        released.update(dict.fromkeys(frozen[frozen.index(block):], f"{epoch}:{block}"))
         frozen = frozen[:frozen.index(block)]   # that block and every block after it now train
     if os.path.isabs(cfg.weights) and not cfg.resume and not os.path.isfile(cfg.weights):   # resumed: last.pt
         try:
@@ -567,7 +590,7 @@ def check_together(cfg):
             problem = error.strerror
         raise SettingError(f"WEIGHTS (--weights) = '{cfg.weights}' is not allowed: expected IMAGENET1K_V1, none, or "
                            f"a ResNet18 state-dict file ({problem})")
-    labels = torch.arange(SYNTHETIC_SIZES[0] if cfg.dry_run else CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
+    labels = torch.arange(CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed, cfg.train_per_class)
     left, fewest = len(labels) - len(val_idx), torch.bincount(labels[train_idx], minlength=NUM_CLASSES).min()
     if not len(val_idx) or not left:
@@ -579,6 +602,16 @@ def check_together(cfg):
     if cfg.batch_size > len(train_idx):
         raise SettingError(f"BATCH_SIZE (--batch-size) = {cfg.batch_size}: the training split has only "
                            f"{len(train_idx):,} images")
+    if cfg.weights == "none" and cfg.freeze_until != "none" and not cfg.resume:
+        print(f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until}: the frozen blocks keep random weights, "
+              "which is almost never meant. From scratch means every block trains: add --freeze-until none.")
+    # A dry run runs on what the synthetic set has, and its line says where that is less than asked for.
+    have = len(stratified_split(torch.arange(SYNTHETIC_SIZES[0]) % NUM_CLASSES, cfg.val_fraction, cfg.seed)[0])
+    cfg.dry_run_note = "".join([f"; {have // NUM_CLASSES} training images per class, not {cfg.train_per_class}"] * (
+        cfg.train_per_class != "all" and cfg.train_per_class > have // NUM_CLASSES) + [
+        f"; batches of {have}, not {cfg.batch_size}"] * (cfg.batch_size > have))
+    if cfg.dry_run:
+        cfg.batch_size = min(cfg.batch_size, have)
 
 
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
@@ -701,7 +734,7 @@ def new_run_dir(cfg):
     a --run-name folder is reused only when it holds no completed epoch."""
     name = cfg.run_name or time.strftime("%m%d-%H%M%S_") + ("dry-run" if cfg.dry_run else "_".join(
         [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}", f"{cfg.image_size}px"]
-        + ["scratch"] * (cfg.weights == "none")))
+        + ["scratch" if cfg.freeze_until == "none" else "random-weights"] * (cfg.weights == "none")))
     for n in range(1, 1000):
         run_dir = cfg.output_dir / (name if n == 1 else f"{name}-{n}")
         try:
@@ -744,8 +777,9 @@ def save_epoch(run, model, optimizer, hw, stopper, improved, row):
     if improved:
         save(run.dir / "best.pt", model.state_dict())
     save(run.dir / "history.csv", (HISTORY, run.history))
-    print(f"{row['epoch']:>5}{row['train_loss']:>12.4f}{row['train_acc']:>11.2%}{row['val_loss']:>10.4f}"
-          f"{row['val_acc']:>9.2%}{row['seconds']:>7.1f}s{'  * best' if improved else ''}", flush=True)
+    loss = [f"{row[key]:.4f}" if abs(row[key]) < 1e4 else f"{row[key]:.2e}" for key in ("train_loss", "val_loss")]
+    print(f"{row['epoch']:>5}{loss[0]:>12}{row['train_acc']:>11.2%}{loss[1]:>10}{row['val_acc']:>9.2%}"
+          f"{row['seconds']:>7.1f}s{'  * best' if improved else ''}", flush=True)   # columns kept for any loss
 
 
 def stop_reason(run, stopper):
@@ -787,6 +821,7 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
     else:
         print_comparison(add_to_summary(cfg.output_dir, dict(
             run=run.dir.name, **cfg.settings, best_val_acc=round(best["val_acc"], 4), test_acc=round(test_acc, 4),
+            val_images=best.get("val_images"),
             epochs_run=run.history[-1]["epoch"], minutes=round(minutes, 2))))
     if reason == "interrupted":
         return stop_without_test(run)   # the files kept, and the resume command
@@ -805,13 +840,14 @@ def group_lrs(optimizer):
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
-def print_blocks(model, optimizer):
+def print_blocks(model, optimizer, frozen_bn):
     lrs, counts = group_lrs(optimizer), {"trainable": 0, "frozen": 0}
-    print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}")
+    print(f"\n{'block':<8}{'status':<11}{'parameters':>12}{'lr':>9}  BatchNorm")
     for name, block in block_modules(model).items():
         size, status = sum(p.numel() for p in block.parameters()), "trainable" if is_trainable(block) else "frozen"
         counts[status] += size
-        print(f"{name:<8}{status:<11}{size:>12,}{f'{lrs[name]:.1e}' if name in lrs else '-':>9}")
+        norm = "-" if name == "fc" else "train" if status == "trainable" else frozen_bn   # FROZEN_BN
+        print(f"{name:<8}{status:<11}{size:>12,}{f'{lrs[name]:.1e}' if name in lrs else '-':>9}  {norm}")
     print(f"trainable parameters: {counts['trainable']:,}   frozen: {counts['frozen']:,}\n")
 
 
@@ -851,26 +887,39 @@ def curves(history, best_epoch, plan, title):
     return figure
 
 
-def print_comparison(rows, limit=8):
-    """The last runs of summary.csv, then what changed since the run before this one, and the effect."""
-    def cell(row, key, spec, width):
-        with contextlib.suppress(TypeError, ValueError):
-            text = format(float(row.get(key)), spec) if spec else Path(row.get(key)).name[:width - 1]
-            return f"{text:>{width}}"
-        return " " * width   # a row written by an older version of the script
-    print(f"\nruns so far (last {min(limit, len(rows))} of {len(rows)}, from summary.csv):\n{'run':<22}{'freeze':>7}"
-          f"{'bb lr':>7}{'head lr':>8}{'weights':>9}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}")
-    for row in rows[-limit:]:
-        print(f"{str(row.get('run'))[:21]:<22}" + "".join(cell(row, *c) for c in [
-            ("FREEZE_UNTIL", "", 7), ("BACKBONE_LR", ".0e", 7), ("HEAD_LR", ".0e", 8), ("WEIGHTS", "", 9),
-            ("best_val_acc", ".1%", 8), ("test_acc", ".1%", 9), ("epochs_run", ".0f", 4), ("minutes", ".1f", 6)]))
+def print_comparison(rows, limit=8, width=100):
+    """The last runs of summary.csv, each with the settings in which it differs from most of them, then this run
+    against the one before it by best validation accuracy, and whether that is beyond one run's noise."""
+    shown, names = rows[-limit:], [name for name in SETTINGS if name not in ("DATA_DIR", "OUTPUT_DIR")]
+    values = [{n: Path(str(row[n])).name for n in names if row.get(n) not in (None, "")} for row in shown]
+    usual = {n: Counter(v[n] for v in values if n in v).most_common(1)[0][0] for n in names if any(n in v for v in values)}
+    column = min(max(len(str(row.get("run"))) for row in shown) + 2, 40)
+    print(f"\nruns so far (last {len(shown)} of {len(rows)}, from summary.csv); settings: where a run differs from "
+          f"most:\n{'run':<{column}}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}  settings")
+    for row, known in zip(shown, values):
+        name = str(row.get("run"))
+        if len(name) >= column:   # a long name gets a line of its own, never cut
+            print(name)
+        cells = [format(float(row[key]), spec) if str(row.get(key, "")).replace(".", "").isdigit() else "?"
+                 for key, spec in [("best_val_acc", ".1%"), ("test_acc", ".1%"), ("epochs_run", ".0f"), ("minutes", ".1f")]]
+        lead = f"{name if len(name) < column else '':<{column}}{cells[0]:>8}{cells[1]:>9}{cells[2]:>4}{cells[3]:>6}  "
+        text = " ".join(f"{n}={v}" for n, v in known.items() if v != usual[n]) if known else "(settings unknown)"
+        print("\n".join(textwrap.wrap(text, width, initial_indent=lead, subsequent_indent=" " * len(lead),
+                                     break_on_hyphens=False)) or lead.rstrip())
     before, now = rows[-2:] if len(rows) > 1 else ({}, {})
     with contextlib.suppress(TypeError, ValueError, KeyError, ZeroDivisionError):
         known = [name for name in SETTINGS if before.get(name) not in (None, "")]   # none: an older version's row
-        changed = [f"{name} {before[name]} -> {now[name]}" for name in known if str(before[name]) != str(now[name])]
-        print(f"vs {before['run']} ({', '.join(changed) or ('same settings' if known else 'settings unknown')}): "
-              f"test accuracy {100 * (float(now['test_acc']) - float(before['test_acc'])):+.1f} points, "
-              f"{float(now['minutes']) / float(before['minutes']):.1f}x the minutes")
+        changed = [f"{name} {Path(before[name]).name} -> {Path(now[name]).name}" for name in known
+                   if str(before[name]) != str(now[name])]
+        gap, accuracies = 100 * (float(now["best_val_acc"]) - float(before["best_val_acc"])), [
+            (float(r["best_val_acc"]), float(r.get("val_images") or "nan")) for r in (before, now)]
+        # Two standard errors of a difference of two accuracies, each on n validation images (binomial).
+        noise = 200 * math.sqrt(sum(p * (1 - p) / n for p, n in accuracies))
+        verdict = f", {'within' if abs(gap) < noise else 'beyond'} one run's noise (about ±{noise:.1f})"
+        changes = ", ".join(changed) or ("same settings" if known else "settings unknown")
+        print(textwrap.fill(f"vs {before['run']} ({changes}): best validation accuracy {gap:+.1f} points"
+                            f"{verdict * math.isfinite(noise)}; {float(now['minutes']) / float(before['minutes']):.1f}x "
+                            "the minutes", width))
 
 
 # --- Signals and progress: Ctrl-C or SIGTERM finish the batch; a nan loss stops the run -------------------
@@ -956,7 +1005,9 @@ def load_cifar10(data_dir):
     first run; a complete, verified copy is only read, so it may live in a read-only folder."""
     root, cifar = Path(data_dir), datasets.CIFAR10
     folder, archive = root / cifar.base_folder, root / cifar.filename
-    delete = f"\n  Delete {folder} and run again to download a fresh copy."
+    delete = (f"\n  Delete {folder} and run again to download a fresh copy." if not folder.exists() or all(
+        os.access(path, os.W_OK) for path in (folder, root)) else f"\n  {folder} may not be changed (shared or read-only): set DATA_DIR "
+        "(--data-dir) to a folder of your own, and the next run downloads a fresh copy there.")
     try:
         for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
             if folder.exists() and not check_integrity(str(folder / name), md5):
@@ -1009,8 +1060,8 @@ def synthetic_cifar10(seed):
              for y in labels], names
 
 
-def load_pretrained(model, weights):
-    """Load every weight but the old head, from ImageNet's file or a given one, after checking it."""
+def pretrained_weights(model, weights):
+    """Every weight but the old head's, from ImageNet's file or a given one, checked against `model`."""
     imagenet = models.ResNet18_Weights.IMAGENET1K_V1 if weights in models.ResNet18_Weights.__members__ else None
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name if imagenet else Path(weights)
     print(f"model: ResNet18 with {'ImageNet weights' if imagenet else 'the weights in ' + weights}, new head")
@@ -1033,7 +1084,7 @@ def load_pretrained(model, weights):
         detail = str(error)[len(what) + 1:]   # the message without "the file "
         raise (RunError(f"{error}.\n  Delete that file and run again to download a fresh copy.") if imagenet else
                SettingError(f"WEIGHTS (--weights) = '{weights}' is not allowed: {detail}")) from None
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
 def state_dict_problem(model, state):
@@ -1082,7 +1133,7 @@ class Hardware:
         if cfg.dry_run:
             print(f"dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = {cfg.settings['WEIGHTS']}), "
                   f"{DRY_RUN_BATCHES} batches per phase, EPOCHS = {cfg.epochs} unless --epochs is given; every other "
-                  "setting as given")
+                  f"setting as given{cfg.dry_run_note and ', but the synthetic set has fewer images' + cfg.dry_run_note}")
 
     def prepare(self, model):
         """The model on the device, in its memory layout; on a GPU its forward pass runs in mixed precision."""

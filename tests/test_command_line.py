@@ -42,17 +42,18 @@ def test_command_line_overrides_reach_the_run(tmp_path, capsys, monkeypatch):
                          "--backbone-lr", "3e-4", "--head-lr", "2e-3", "--freeze-until", "layer3",
                          "--unfreeze-schedule", "2:layer3", "--monitor", "val_acc", "--patience", "5",
                          "--min-delta", "0.01", "--seed", "7", "--val-fraction", "0.2", "--num-workers", "0",
-                         "--train-per-class", "150", "--layer-lr-decay", "0.5", "--data-dir", tmp_path / "d",
+                         "--train-per-class", "150", "--layer-lr-decay", "0.5", "--frozen-bn", "train",
+                         "--data-dir", tmp_path / "d",
                          "--output-dir", tmp_path / "o", "--run-name", "cli")
     assert code == 0, err
     settings = json.loads((tmp_path / "o" / "cli" / "config.json").read_text())["settings"]
     assert settings == {"DATA_DIR": str(tmp_path / "d"), "SEED": 7, "VAL_FRACTION": 0.2, "TRAIN_PER_CLASS": 150,
                         "IMAGE_SIZE": 32, "WEIGHTS": "IMAGENET1K_V1", "FREEZE_UNTIL": "layer3",
-                        "UNFREEZE_SCHEDULE": "2:layer3", "BATCH_SIZE": 8, "EPOCHS": 2, "BACKBONE_LR": 3e-4,
+                        "UNFREEZE_SCHEDULE": "2:layer3", "FROZEN_BN": "train", "BATCH_SIZE": 8, "EPOCHS": 2, "BACKBONE_LR": 3e-4,
                         "LAYER_LR_DECAY": 0.5, "HEAD_LR": 2e-3, "MONITOR": "val_acc", "PATIENCE": 5,
                         "MIN_DELTA": 0.01, "NUM_WORKERS": 0, "OUTPUT_DIR": str(tmp_path / "o")}
     assert "data: 1,500 train (kept 150 per class, of 1,600) / 400 validation" in out
-    assert "layer3  frozen" in out and "layer4  trainable     8,393,728  3.0e-04" in out
+    assert "layer3  frozen" in out and "layer4  trainable     8,393,728  3.0e-04  train" in out
     assert "epoch 2: unfreezing layer3 (lr 1.5e-04)" in out                      # 3e-4 x 0.5
     history = (tmp_path / "o" / "cli" / "history.csv").read_text().splitlines()
     assert history[1].split(",")[8:11] == ["", "0.0003", "0.002"]     # epoch 1: lr_layer3 empty, layer4, fc
@@ -80,11 +81,15 @@ def test_edited_constants_are_the_defaults_and_are_checked_like_flags(monkeypatc
 BAD = [
     (["--freeze-until", "layer9"], "FREEZE_UNTIL (--freeze-until): 'layer9' is not allowed", "one of none, stem, layer1"),
     (["--freeze-until", "fc"], "FREEZE_UNTIL (--freeze-until)", "one of none, stem"),
-    (["--backbone-lr", "0"], "BACKBONE_LR (--backbone-lr): '0' is not allowed", "positive number"),
-    (["--head-lr=-1e-3"], "HEAD_LR (--head-lr)", "positive number"),
-    (["--head-lr", "fast"], "HEAD_LR (--head-lr): 'fast'", "positive number"),
-    (["--backbone-lr", "nan"], "BACKBONE_LR", "positive number"),
-    (["--backbone-lr", "inf"], "BACKBONE_LR", "positive number"),
+    (["--backbone-lr", "0"], "BACKBONE_LR (--backbone-lr): '0' is not allowed", "a learning rate in (0, 1]"),
+    (["--head-lr=-1e-3"], "HEAD_LR (--head-lr): '-1e-3'", "a learning rate in (0, 1]"),
+    (["--head-lr", "-1e-3"], "HEAD_LR (--head-lr): '-1e-3'", "a learning rate in (0, 1]"),   # not "expected one argument"
+    (["--head-lr", "1e3"], "HEAD_LR (--head-lr): '1e3'", "above 1 is surely a typo"),         # meant 1e-3
+    (["--head-lr", "fast"], "HEAD_LR (--head-lr): 'fast'", "a learning rate in (0, 1]"),
+    (["--backbone-lr", "nan"], "BACKBONE_LR", "a learning rate in (0, 1]"),
+    (["--backbone-lr", "-inf"], "BACKBONE_LR (--backbone-lr): '-inf'", "a learning rate in (0, 1]"),
+    (["--backbone-lr", "inf"], "BACKBONE_LR", "a learning rate in (0, 1]"),
+    (["--frozen-bn", "frozen"], "FROZEN_BN (--frozen-bn): 'frozen' is not allowed", "one of eval, train"),
     (["--layer-lr-decay", "0"], "LAYER_LR_DECAY (--layer-lr-decay)", "in (0, 1]"),
     (["--layer-lr-decay", "2"], "LAYER_LR_DECAY", "in (0, 1]"),
     (["--batch-size", "0"], "BATCH_SIZE (--batch-size): '0'", "whole number >= 2"),
@@ -106,7 +111,9 @@ BAD = [
     (["--seed", "-1"], "SEED (--seed): '-1'", "from 0 to 4294967295"),
     (["--seed", "99999999999999999999"], "SEED", "from 0 to 4294967295"),
     (["--weights", "/dev/null"], "WEIGHTS (--weights)", "not a regular file"),
-    (["--weights", "imagenet22k"], "WEIGHTS (--weights) = ", "imagenet22k' is not allowed: expected IMAGENET1K_V1, none"),
+    (["--weights", "imagenet"], "WEIGHTS (--weights): 'imagenet' is not allowed", "known names IMAGENET1K_V1 and none"),
+    (["--weights", "imagenet.pth"], "WEIGHTS (--weights) = ", "imagenet.pth' is not allowed: expected IMAGENET1K_V1, "
+     "none, or a ResNet18 state-dict file (no such file)"),
     (["--weights", "missing/resnet.pth"], "WEIGHTS", "no such file"),
     (["--monitor", "train_loss"], "MONITOR (--monitor): 'train_loss' is not allowed", "one of val_loss, val_acc"),
     (["--num-workers", "-2"], "NUM_WORKERS", "auto or a whole number >= 0"),
@@ -117,8 +124,9 @@ BAD = [
     (["--output-dir", __file__], "OUTPUT_DIR", "a folder you can write to"),
     (["--output-dir", " "], "OUTPUT_DIR (--output-dir)", "a folder you can write to"),
     (["--unfreeze-schedule", "5:layer9"], "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9'", "EPOCH:BLOCK"),
-    (["--unfreeze-schedule", "5:layer3"], "UNFREEZE_SCHEDULE", "layer3 is already trainable"),
-    (["--unfreeze-schedule", "3:layer1,6:layer2"], "UNFREEZE_SCHEDULE", "layer2 is already trainable"),
+    (["--unfreeze-schedule", "5:layer3"], "UNFREEZE_SCHEDULE", "layer3 is already trainable (FREEZE_UNTIL = layer2)"),
+    (["--unfreeze-schedule", "6:layer2,3:layer1"], "UNFREEZE_SCHEDULE (--unfreeze-schedule): 6:layer2 is not "
+     "allowed", "3:layer1 already released layer2: unfreezing a block releases every block after it"),
     (["--unfreeze-schedule", "16:layer2"], "UNFREEZE_SCHEDULE", "epoch 16 is outside 1..15"),
     (["--unfreeze-schedule", "0:layer2"], "UNFREEZE_SCHEDULE", "outside 1..15"),
     (["--unfreeze-schedule", "soon:layer2"], "UNFREEZE_SCHEDULE", "EPOCH:BLOCK"),

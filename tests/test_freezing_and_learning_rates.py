@@ -92,3 +92,18 @@ def test_unfreezing_an_earlier_block_releases_every_frozen_block_after_it():
     setup = small_setup("--freeze-until", "layer2")
     assert ft.unfreeze(setup.model, setup.optimizer, "layer1", setup.cfg) == ["layer1", "layer2"]
     assert [g["name"] for g in setup.optimizer.param_groups] == ["layer3", "layer4", "fc", "layer1", "layer2"]
+
+
+@pytest.mark.parametrize("frozen_bn", ["eval", "train"])
+def test_frozen_bn_train_adapts_the_frozen_blocks_statistics_but_never_their_weights(frozen_bn):
+    setup = small_setup("--freeze-until", "layer2", "--frozen-bn", frozen_bn)
+    blocks = ft.block_modules(setup.model)
+    before = {name: snapshot(blocks[name]) for name in ["stem", "layer1", "layer2"]}
+    train_epochs(setup, epochs=1, max_batches=2)
+    for name, old in before.items():
+        moved = changed(old, snapshot(blocks[name]))
+        statistics = {k for k in old if "running_" in k or "num_batches" in k}
+        assert moved == (statistics if frozen_bn == "train" else set()), (name, moved)   # weights never move
+        assert not any(p.requires_grad for p in blocks[name].parameters())
+    modes = {m.training for name in before for m in blocks[name].modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert modes == {frozen_bn == "train"}

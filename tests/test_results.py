@@ -78,28 +78,63 @@ def test_summary_gains_a_row_per_run_and_the_second_run_is_compared_with_the_fir
     assert [row["run"] for row in rows] == ["finetune", "features"]
     assert [row["FREEZE_UNTIL"] for row in rows] == ["layer2", "layer4"]
     assert set(ft.SETTINGS) <= set(rows[0]) and rows[1]["WEIGHTS"] == "IMAGENET1K_V1"
-    table = second[second.index("runs so far"):].splitlines()
-    assert "finetune" in table[2] and "features" in table[3]
-    assert all(len(line) <= 80 for line in table[:4]), table
-    accuracy = 100 * (float(rows[1]["test_acc"]) - float(rows[0]["test_acc"]))
-    ratio = float(rows[1]["minutes"]) / float(rows[0]["minutes"])
-    assert table[4] == (f"vs finetune (FREEZE_UNTIL layer2 -> layer4): test accuracy {accuracy:+.1f} points, "
-                        f"{ratio:.1f}x the minutes")
+    table = second[second.index("runs so far"):].split("\n\n")[0].splitlines()
+    assert table[2].startswith("finetune ") and table[3].startswith("features ")
+    assert table[2].endswith("FREEZE_UNTIL=layer2") or table[3].endswith("FREEZE_UNTIL=layer4")   # what differs
+    assert all(len(line) <= 100 for line in table), table
+    assert rows[1]["val_images"] == "10"                                  # the tiny set's validation split
+    gap = 100 * (float(rows[1]["best_val_acc"]) - float(rows[0]["best_val_acc"]))
+    assert " ".join(table[4:]).startswith(f"vs finetune (FREEZE_UNTIL layer2 -> layer4): best validation accuracy "
+                                          f"{gap:+.1f} points, ")
+    assert "one run's noise (about ±" in " ".join(table[4:]) and "test acc" not in " ".join(table[4:])
     assert "vs " not in first[first.index("runs so far"):]                # nothing to compare the first run with
 
 
+def vs_line(text):
+    """The comparison with the run before, as one line (it is wrapped at 100 columns)."""
+    output = text.getvalue()
+    return " ".join(output[output.rindex("\nvs ") + 1:].split())
+
+
 def test_the_comparison_names_every_setting_that_differs_and_survives_old_rows():
-    rows = [{"run": "old", "freeze_until": "layer2", "test_acc": "0.5", "minutes": "2"},      # an older version
-            {"run": "a", **{name: "1" for name in ft.SETTINGS}, "test_acc": "0.5", "minutes": "2"},
-            {"run": "b", **{name: "1" for name in ft.SETTINGS}, "SEED": "2", "HEAD_LR": "0.01", "test_acc": "0.561",
+    rows = [{"run": "old", "freeze_until": "layer2", "best_val_acc": "0.5", "minutes": "2"},      # an older version
+            {"run": "a", **{name: "1" for name in ft.SETTINGS}, "best_val_acc": "0.85", "val_images": "5000",
+             "minutes": "2"},
+            {"run": "b", **{name: "1" for name in ft.SETTINGS}, "SEED": "2", "HEAD_LR": "0.01", "best_val_acc": "0.861",
+             "val_images": "5000", "minutes": "4.6"},
+            {"run": "c", **{name: "1" for name in ft.SETTINGS}, "best_val_acc": "0.885", "val_images": "5000",
              "minutes": "4.6"}]
     with contextlib.redirect_stdout(io.StringIO()) as text:
-        ft.print_comparison(rows)
-    assert text.getvalue().splitlines()[-1] == ("vs a (SEED 1 -> 2, HEAD_LR 1 -> 0.01): test accuracy +6.1 points, "
-                                                "2.3x the minutes")
+        ft.print_comparison(rows[:3])
+    # Two standard errors of the difference: 2 x sqrt(0.85 x 0.15 / 5000 + 0.861 x 0.139 / 5000) = 1.4 points.
+    assert vs_line(text) == ("vs a (SEED 1 -> 2, HEAD_LR 1 -> 0.01): best validation accuracy "
+                                                "+1.1 points, within one run's noise (about ±1.4); 2.3x the minutes")
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        ft.print_comparison(rows[2:])
+    assert vs_line(text) == ("vs b (SEED 2 -> 1, HEAD_LR 0.01 -> 1): best validation accuracy "
+                                                "+2.4 points, beyond one run's noise (about ±1.3); 1.0x the minutes")
     with contextlib.redirect_stdout(io.StringIO()) as text:
         ft.print_comparison(rows[:2])
-    assert text.getvalue().splitlines()[-1] == "vs old (settings unknown): test accuracy +0.0 points, 1.0x the minutes"
+    assert vs_line(text) == "vs old (settings unknown): best validation accuracy +35.0 points; 1.0x the minutes"
+    assert "(settings unknown)" in text.getvalue().splitlines()[3]
+
+
+def test_the_runs_table_tells_apart_runs_that_differ_in_any_setting():
+    # Seven experiments of the README, each one setting away from the default, and a run name too long to align.
+    default = {name: str(ft.parse_settings([]).settings[name]) for name in ft.SETTINGS}
+    changes = [{}, {"FREEZE_UNTIL": "layer4"}, {"TRAIN_PER_CLASS": "100"}, {"PATIENCE": "1", "MIN_DELTA": "0.1"},
+               {"EPOCHS": "30"}, {"FROZEN_BN": "train"}, {"WEIGHTS": "none", "FREEZE_UNTIL": "none"}]
+    rows = [{**default, **change, "run": f"run-{i}" + "-with-a-long-name" * 3 * (i == 3), "best_val_acc": "0.8",
+             "test_acc": "0.8", "epochs_run": "5", "minutes": "3"} for i, change in enumerate(changes)]
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        ft.print_comparison(rows)
+    lines = text.getvalue().splitlines()
+    assert all(len(line) <= 100 for line in lines), lines
+    for i, change in enumerate(changes):
+        at = next(n for n, line in enumerate(lines) if line.startswith(rows[i]["run"] + " ") or line == rows[i]["run"])
+        shown = lines[at] if lines[at] != rows[i]["run"] else lines[at + 1]   # a long name: its own line, whole
+        assert shown.split("  ")[-1].split() == [f"{k}={v}" for k, v in change.items()] or (not change and shown.endswith(
+            "3.0")), (change, shown)
 
 
 def test_curves_png_is_written_atomically_when_matplotlib_is_present(with_matplotlib, real_files, tmp_path, capsys):
