@@ -297,18 +297,22 @@ def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
 ## statistics, so a prediction never depends on the other images in the batch.
 @torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad
 def evaluate(model, loader, hw, cfg, desc):
-    """Mean loss and the confusion matrix (rows: true class, columns: predicted), or None if stopped."""
+    """Mean loss, the confusion matrix (rows: true class, columns: predicted) and each image's predicted
+    class and its probability, or None if stopped."""
     model.eval()
     progress = Progress(loader, desc, cfg.max_batches, hw.device)
     confusion = torch.zeros(NUM_CLASSES ** 2, dtype=torch.int64, device=hw.device)
+    predictions = []
     for images, labels in progress:
         x, y = model_inputs(images, hw), labels.to(hw.device, non_blocking=hw.non_blocking)
         logits = model(x).float()
         progress.add(F.cross_entropy(logits, y), logits, y)   # a nan or inf loss stops the run here too
+        probability, predicted = logits.softmax(1).max(1)
+        predictions.append(torch.stack([predicted.float(), probability], 1))
         # index_add_ into a fixed-size tensor: unlike bincount, it never makes the CPU wait for the GPU.
-        confusion.index_add_(0, y * NUM_CLASSES + logits.argmax(1), torch.ones_like(y))
+        confusion.index_add_(0, y * NUM_CLASSES + predicted, torch.ones_like(y))
     result = progress.result()
-    return result and (result[0], confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
+    return result and (result[0], confusion.view(NUM_CLASSES, NUM_CLASSES).cpu(), torch.cat(predictions).cpu())
 
 
 def accuracy(confusion):
@@ -355,7 +359,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
         validated = trained and evaluate(model, val_loader, hw, cfg, f"epoch {epoch} val")
         if not validated:   # Ctrl-C or SIGTERM: this epoch is dropped, the last saved one stands
             break
-        (train_loss, train_acc), (val_loss, confusion) = trained, validated
+        (train_loss, train_acc), (val_loss, confusion, _) = trained, validated
         val_acc = accuracy(confusion)
         improved = stopper.step(val_loss if cfg.monitor == "val_loss" else val_acc, epoch)
         ## The best epoch's weights go to best.pt: they are what we test at the end.
@@ -393,10 +397,10 @@ def main(argv=None):
     model.load_state_dict(load_checkpoint(run.dir / "best.pt", "the best weights"))
     print(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor}) from {run.dir / 'best.pt'}")
     try:
-        test_loss, confusion = evaluate(model, test_loader, hw, cfg, "test")
+        test_loss, confusion, predictions = evaluate(model, test_loader, hw, cfg, "test")
     except KeyboardInterrupt:
         return stop_without_test(run, "test evaluation skipped.")
-    return finish_run(run, stopper, reason, classes, test_loss, confusion)
+    return finish_run(run, stopper, reason, classes, test_loss, confusion, (test_loader.dataset, predictions))
 
 
 # =========================================================================================================
@@ -410,6 +414,7 @@ SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-t
 DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3              # --dry-run: epochs, unless --epochs is given or the schedule needs more
 SYNC_EVERY = 25                 # read the loss back from the device every N batches (see Progress)
+LOG_EVERY = 30                  # seconds between progress lines where the output is a log, not a terminal
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)   # the errno of a write to a full disk, or past a quota
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", *(f"lr_{b}" for b in BLOCKS), "trainable",
            "seconds"]   # the columns of history.csv
@@ -804,7 +809,7 @@ def stop_without_test(run, why=""):
     return 128 + (stop_requested or signal.SIGINT)
 
 
-def finish_run(run, stopper, reason, classes, test_loss, confusion):
+def finish_run(run, stopper, reason, classes, test_loss, confusion, tested):
     """Print and save the test results; a finished run joins summary.csv and is compared with the last."""
     cfg, test_acc, minutes = run.cfg, accuracy(confusion), (time.time() - run.started) / 60
     best = next(row for row in run.history if row["epoch"] == stopper.best_epoch)
@@ -814,8 +819,8 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion):
         test_loss=test_loss, test_acc=test_acc, per_class_acc=print_report(confusion, classes), classes=classes,
         confusion_matrix=confusion.tolist(), best_epoch=stopper.best_epoch, best_val_acc=best["val_acc"],
         epochs_run=run.history[-1]["epoch"], stop_reason=reason, wall_time_s=round(minutes * 60, 1)))
-    if figure := curves(run.history, stopper.best_epoch, cfg.unfreeze_schedule, run.dir.name):
-        save(run.dir / "curves.png", figure)
+    for name, figure in pictures(run, stopper.best_epoch, classes, *tested).items():
+        save(run.dir / name, figure)
     if cfg.dry_run or reason == "interrupted":
         print(f"\n({'dry run' if cfg.dry_run else 'interrupted run'}: not added to summary.csv)")
     else:
@@ -868,23 +873,41 @@ def print_report(confusion, classes):
     return per_class
 
 
-def curves(history, best_epoch, plan, title):
-    """Loss and accuracy per epoch, best epoch and unfreezing marked. Needs matplotlib (optional)."""
+def pictures(run, best_epoch, classes, test_set, predictions):
+    """curves.png: loss and accuracy per epoch, the best epoch and each unfreezing marked; mistakes.png: the 16
+    test images the model got most confidently wrong. Drawn only when matplotlib (optional) is installed."""
     try:
         from matplotlib.figure import Figure   # no pyplot: works without a display
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        return print("(no curves.png: matplotlib is not installed; `pip install matplotlib` adds it)")
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    for axis, metric, label in zip(figure.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"]):
+        print("(no pictures: `pip install matplotlib` draws curves.png and mistakes.png)")
+        return {}
+    curves, epochs = Figure(figsize=(10, 4), layout="constrained"), [row["epoch"] for row in run.history]
+    for axis, metric, label, scale in zip(curves.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy (%)"], [1, 100]):
         for split, name in [("train", "train"), ("val", "validation")]:
-            axis.plot([r["epoch"] for r in history], [r[f"{split}_{metric}"] for r in history], "o-", label=name)
-        axis.axvline(best_epoch, color="green", linestyle="--", label=f"best (epoch {best_epoch})")
-        for epoch, block in plan.items():
-            axis.axvline(epoch, color="gray", linestyle=":", label=f"unfreeze {block}")
+            axis.plot(epochs, [scale * r[f"{split}_{metric}"] for r in run.history], "o-", label=name)
+        best = scale * next(r[f"val_{metric}"] for r in run.history if r["epoch"] == best_epoch)
+        axis.plot(best_epoch, best, "*", color="gold", markeredgecolor="black", markersize=16,
+                  label=f"best epoch ({best_epoch})")
+        for (epoch, block), color in zip(sorted(run.cfg.unfreeze_schedule.items()), ["tab:purple", "tab:brown",
+                                                                                     "tab:pink", "tab:olive", "tab:cyan"]):
+            axis.axvline(epoch - 0.5, color=color, linestyle="--", label=f"unfreeze {block} (before epoch {epoch})")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
         axis.set(xlabel="epoch", ylabel=label, title=label)
-        axis.legend()
-    figure.suptitle(f"run {title}")
-    return figure
+        axis.legend(fontsize=8)
+    curves.suptitle(f"run {run.dir.name}")
+    images, labels = test_set.tensors
+    predicted, confidence = predictions[:, 0].long(), predictions[:, 1]
+    wrong = (predicted != labels[:len(predicted)]).nonzero().flatten()
+    mistakes = Figure(figsize=(8, 9), layout="constrained")
+    for axis, i in zip(mistakes.subplots(4, 4).flat, [*wrong[confidence[wrong].argsort(descending=True)][:16], *[None] * 16]):
+        axis.set_axis_off()
+        if i is not None:
+            axis.imshow(images[i].permute(1, 2, 0).numpy())
+            axis.set_title(f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})", fontsize=10)
+    mistakes.suptitle(f"run {run.dir.name}: the most confidently wrong test images\n(true class -> predicted, "
+                      "with the model's probability)")
+    return {"curves.png": curves, "mistakes.png": mistakes}
 
 
 def print_comparison(rows, limit=8, width=100):
@@ -960,21 +983,24 @@ def epoch_seed(seed, epoch, stream):
 class Progress:
     """The batches of a loader under a progress bar, with the running loss and accuracy. The sums stay on
     the device and are read back every SYNC_EVERY batches (.item() at each step would make the CPU wait for
-    the GPU); a nan or inf loss is then named at its batch. Iteration ends after max_batches (--dry-run),
-    or early when Ctrl-C or SIGTERM asked to stop."""
+    the GPU); a nan or inf loss is then named at its batch. Where the output is no terminal (a log), a plain
+    line every LOG_EVERY seconds replaces the bar. Iteration ends after max_batches (--dry-run), or early when
+    Ctrl-C or SIGTERM asked to stop."""
 
     def __init__(self, loader, desc, max_batches, device):
         self.desc, self.total = desc, min(len(loader), max_batches or len(loader))
         self.losses, self.checked, self.seen = [], 0, 0   # each batch's loss; how many were checked; images
         self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
         self.sums = torch.zeros(2, device=device)   # loss x images, correct predictions
+        self.logged = time.monotonic()              # when the last plain progress line was printed
 
     def __iter__(self):
         with self.bar:
             for number, batch in enumerate(self.bar, 1):
                 yield batch
-                if number % SYNC_EVERY == 0 or number == self.total or stopping():
-                    self.check()
+                log_due = self.bar.disable and time.monotonic() - self.logged >= LOG_EVERY
+                if number % SYNC_EVERY == 0 or number == self.total or stopping() or log_due:
+                    self.check(log_due and number)
                 if stopping():
                     break
 
@@ -983,7 +1009,7 @@ class Progress:
         self.losses.append(loss.detach())
         self.seen += len(labels)
 
-    def check(self):   # the losses since the last check, read back in one sync
+    def check(self, log_at=0):   # the losses since the last check, read back in one sync
         for number, value in enumerate(torch.stack(self.losses[self.checked:]).tolist(), self.checked + 1):
             if not math.isfinite(value):
                 raise RunError(f"training diverged: the loss became {value} at {self.desc}, batch {number}. Try a "
@@ -992,6 +1018,10 @@ class Progress:
         self.checked = len(self.losses)
         loss, correct = self.sums.tolist()
         self.bar.set_postfix(loss=f"{loss / self.seen:.3f}", acc=f"{correct / self.seen:.1%}")
+        if log_at:
+            print(f"  {self.desc}: batch {log_at:,} of {self.total:,}, loss {loss / self.seen:.3f}, accuracy "
+                  f"{correct / self.seen:.1%}", flush=True)
+            self.logged = time.monotonic()
 
     def result(self):
         """(mean loss, accuracy), or None when the pass was stopped before its last batch."""

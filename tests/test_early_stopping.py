@@ -42,12 +42,12 @@ def test_run_stops_early_and_tests_the_best_epochs_weights(monkeypatch, tmp_path
     states, real_evaluate = {}, ft.evaluate
 
     def scripted_evaluate(model, loader, hw, cfg, desc):
-        loss, confusion = real_evaluate(model, loader, hw, cfg, desc)
+        loss, confusion, predictions = real_evaluate(model, loader, hw, cfg, desc)
         if desc == "test":
             states["tested"] = snapshot(model)
-            return loss, confusion
+            return loss, confusion, predictions
         states[len(states) + 1] = snapshot(model)      # the weights at the end of this epoch
-        return next(val_losses), confusion
+        return next(val_losses), confusion, predictions
 
     monkeypatch.setattr(ft, "evaluate", scripted_evaluate)
     monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)

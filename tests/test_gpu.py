@@ -40,7 +40,7 @@ def test_the_confusion_matrix_counted_on_the_gpu_is_the_cpus():
     (images, labels), _, _ = ft.synthetic_cifar10(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:256], labels[:256]), 64)
     cfg.max_batches = None
-    loss, confusion = ft.evaluate(model, loader, hw, cfg, "val")
+    loss, confusion, _ = ft.evaluate(model, loader, hw, cfg, "val")
     expected = torch.zeros(10, 10, dtype=torch.int64)
     with torch.inference_mode():                       # the same batches, counted one by one on the CPU
         for batch, true in loader:

@@ -128,5 +128,5 @@ def test_the_confusion_matrix_is_counted_on_the_device_without_bincount(monkeypa
     setup = small_setup()
     monkeypatch.setattr(torch, "bincount", lambda *args, **kwargs: pytest.fail("bincount syncs with the GPU"))
     setup.cfg.max_batches = 2
-    loss, confusion = ft.evaluate(setup.model, setup.loader, setup.hw, setup.cfg, "val")
+    loss, confusion, _ = ft.evaluate(setup.model, setup.loader, setup.hw, setup.cfg, "val")
     assert confusion.shape == (10, 10) and confusion.sum() == 32 and confusion.dtype == torch.int64

@@ -1,6 +1,7 @@
 """Every run leaves a lean folder of results that are easy to read, and each run is compared with the last."""
 import contextlib
 import csv
+import re
 import io
 import json
 
@@ -137,12 +138,54 @@ def test_the_runs_table_tells_apart_runs_that_differ_in_any_setting():
             "3.0")), (change, shown)
 
 
-def test_curves_png_is_written_atomically_when_matplotlib_is_present(with_matplotlib, real_files, tmp_path, capsys):
+def test_curves_and_mistakes_png_are_drawn_from_the_one_test_pass_when_matplotlib_is_present(
+        with_matplotlib, real_files, tmp_path, capsys, monkeypatch):
+    passes, evaluate = [], ft.evaluate
+    monkeypatch.setattr(ft, "evaluate", lambda model, loader, hw, cfg, desc: passes.append(desc) or evaluate(
+        model, loader, hw, cfg, desc))
     code, out, err = run(capsys, *tiny(real_files, tmp_path, "--epochs", "1", "--run-name", "plot"))
     assert code == 0, err
-    assert (tmp_path / "plot" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert passes == ["epoch 1 val", "test"]                                   # no second pass for the pictures
+    for name in ["curves.png", "mistakes.png"]:
+        assert (tmp_path / "plot" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp_path / "plot").iterdir() if p.name.startswith(".")]
-    assert "no curves.png" not in out
+    assert "no pictures" not in out and "curves.png history.csv mistakes.png" in out   # named in the files list
+
+
+def test_mistakes_png_shows_the_16_most_confidently_wrong_images_and_curves_read_at_a_glance(with_matplotlib):
+    from types import SimpleNamespace
+    classes = ["c0", "c1", "c2"]
+    labels = torch.tensor([i % 3 for i in range(30)])
+    predicted = torch.tensor([(i + (i % 2)) % 3 for i in range(30)])       # every odd image is wrong
+    confidence = torch.linspace(0.3, 0.99, 30)
+    test_set = torch.utils.data.TensorDataset(torch.zeros(30, 3, 32, 32, dtype=torch.uint8), labels)
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_acc": 0.1 * e, "val_acc": 0.1 * e}
+               for e in range(1, 8)]
+    fake_run = SimpleNamespace(history=history, dir=ft.Path("runs/demo"),
+                               cfg=SimpleNamespace(unfreeze_schedule={3: "layer2", 5: "layer1"}))
+    figures = ft.pictures(fake_run, 4, classes, test_set, torch.stack([predicted.float(), confidence], 1))
+    titles = [axis.get_title() for axis in figures["mistakes.png"].axes]
+    wrong = sorted((i for i in range(30) if i % 2), key=lambda i: -confidence[i])
+    expected = [f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})" for i in wrong]
+    assert titles == expected + [""] * (16 - len(expected))                # 15 mistakes; the 16th cell is empty
+    for axis in figures["curves.png"].axes:
+        assert all(float(tick).is_integer() for tick in axis.get_xticks())  # whole epochs
+        legend = [text.get_text() for text in axis.get_legend().get_texts()]
+        assert legend[2:] == ["best epoch (4)", "unfreeze layer2 (before epoch 3)", "unfreeze layer1 (before epoch 5)"]
+        events = [line for line in axis.get_lines() if line.get_xdata()[0] in (2.5, 4.5)]
+        assert len({line.get_color() for line in events}) == 2               # each event drawn in its own colour
+    accuracy = figures["curves.png"].axes[1]
+    assert accuracy.get_ylabel() == "accuracy (%)" and max(accuracy.get_lines()[1].get_ydata()) == pytest.approx(70)
+
+
+def test_a_log_gets_a_plain_progress_line_at_an_interval_and_a_terminal_gets_the_bar(tmp_path, capsys, monkeypatch):
+    code, out, _ = run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path / "a")
+    assert code == 0 and "  epoch 1: batch" not in out                      # a short run: nothing to add
+    monkeypatch.setattr(ft, "LOG_EVERY", 0)                                 # every batch is "30 s later"
+    code, out, _ = run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path / "b")
+    assert code == 0
+    assert re.search(r"^  epoch 1: batch 1 of 2, loss \d+\.\d{3}, accuracy \d+\.\d%$", out, re.M), out
+    assert re.search(r"^  test: batch 2 of 2, loss", out, re.M)
 
 
 def test_without_matplotlib_the_run_still_succeeds_and_says_how_to_get_the_plot(real_files, tmp_path, capsys):
