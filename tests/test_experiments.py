@@ -20,13 +20,13 @@ COMMANDS = experiment_commands()
 def test_the_table_covers_the_seeds_questions_and_next_steps():
     flags = {arg for command in COMMANDS for arg in command if arg.startswith("--")}
     assert {"--freeze-until", "--backbone-lr", "--layer-lr-decay", "--train-per-class", "--unfreeze-schedule",
-            "--weights", "--patience", "--monitor"} <= flags
+            "--weights", "--patience", "--monitor", "--frozen-bn", "--image-size"} <= flags
     assert len(COMMANDS) >= 12
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
-def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
+def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path, capsys):
+    # What a user runs: the command and --dry-run, nothing patched.
     code, out, err = run(capsys, *command, "--dry-run", "--output-dir", tmp_path)
     assert code == 0, err
     options = dict(zip(command[::2], command[1::2]))
@@ -37,6 +37,8 @@ def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path,
     for name in ft.BLOCKS:                                  # the block table: what trains, and at which rate
         expected = "-" if name in frozen else f"{ft.block_lr(name, cfg):.1e}"
         assert blocks[name][1] == ("frozen" if name in frozen else "trainable") and blocks[name][3] == expected
+        bn = "-" if name == "fc" else cfg.frozen_bn if name in frozen else "train"
+        assert blocks[name][4] == bn, (name, blocks[name])
     if "--train-per-class" in options:
         n = int(options["--train-per-class"])
         assert f"data: {10 * n:,} train (kept {n} per class, of 1,800)" in out
@@ -48,6 +50,7 @@ def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path,
         assert f"(best {options['--monitor']})" in out
     if "--weights" in options:
         assert f"random weights (WEIGHTS = {options['--weights']})" in out
+    assert ("the frozen blocks keep random weights" in out) == (cfg.settings["WEIGHTS"] == "none" and bool(frozen))
     if "--image-size" in options:
         assert f"image size: {options['--image-size']}px" in out
     assert "test accuracy" in out and "Traceback" not in err
