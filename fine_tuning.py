@@ -75,7 +75,7 @@ try:   # the light packages first, so that a missing one is reported at once
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
     from torchvision.datasets.utils import check_integrity
-    from filelock import FileLock   # installed with torch: lets concurrent runs take turns with a file
+    from filelock import FileLock, Timeout   # installed with torch: lets processes take turns with a file
 except ImportError as missing:
     sys.exit(f"error: {missing.name or missing} is not installed. Run: pip install -r requirements.txt")
 if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) < (2, 5):
@@ -374,6 +374,7 @@ def fit(model, optimizer, hw, train_loader, val_loader, stopper, run):
 def main(argv=None):
     """Settings -> data -> model -> freeze -> optimizer -> epochs with early stopping -> test -> report."""
     cfg = parse_settings(argv)   # the constants, as overridden by flags or by the run being resumed
+    run_dir = claim_run_folder(cfg)   # OUTPUT_DIR/<run name>, this run's alone, before any data is loaded
     hw = Hardware(cfg)           # the device, its precision, ImageNet's normalisation on it
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model = build_model(cfg.weights)
@@ -382,14 +383,14 @@ def main(argv=None):
     model = hw.prepare(model)    # on the device; on a GPU, the forward pass in mixed precision
     optimizer = make_optimizer(param_groups(model, cfg), hw.device)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, "min" if cfg.monitor == "val_loss" else "max")
-    run = open_run(cfg, hw, model, optimizer, stopper)   # a new run folder, or the resumed run's state
+    run = open_run(cfg, run_dir, hw, model, optimizer, stopper)   # config.json, or the resumed run's state
     print_blocks(model, optimizer, cfg.frozen_bn)
     with stop_after_batch():     # Ctrl-C or SIGTERM: finish the batch, keep the files, then stop
         fit(model, optimizer, hw, train_loader, val_loader, stopper, run)
     reason = stop_reason(run, stopper)
     print(f"\nstopped: {reason}")
     if stopper.best_epoch is None or stop_requested == signal.SIGTERM:
-        return stop_without_test(run)
+        return stop_without_test()
 
     ## The test set is used once, on the weights that early stopping chose on
     ## the validation split. Choosing anything by test accuracy would make it a
@@ -399,7 +400,7 @@ def main(argv=None):
     try:
         test_loss, confusion, predictions = evaluate(model, test_loader, hw, cfg, "test")
     except KeyboardInterrupt:
-        return stop_without_test(run, "test evaluation skipped.")
+        return stop_without_test("test evaluation skipped.")
     return finish_run(run, stopper, reason, classes, test_loss, confusion, (test_loader.dataset, predictions))
 
 
@@ -622,50 +623,59 @@ def check_together(cfg):
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
 def save(path, content):
     """Write into a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows)."""
-    path = Path(path)
+    the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows). The content
+    is serialised in memory first, so a failed write is a plain OSError with its errno, never torch's text."""
+    path, data = Path(path), io.BytesIO()
+    if path.suffix in (".pt", ".png"):
+        torch.save(content, data) if path.suffix == ".pt" else content.savefig(data, format="png", dpi=100)
+    elif path.suffix == ".json":
+        data.write(json.dumps(content, indent=2).encode())
+    else:
+        writer = csv.DictWriter(text := io.StringIO(), content[0], extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(content[1])
+        data.write(text.getvalue().encode())
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # one per process: concurrent runs never clash
     try:
         with open(temporary, "wb") as file:
-            if path.suffix in (".pt", ".png"):
-                torch.save(content, file) if path.suffix == ".pt" else content.savefig(file, format="png", dpi=100)
-            elif path.suffix == ".json":
-                file.write(json.dumps(content, indent=2).encode())
-            else:
-                writer = csv.DictWriter(text := io.StringIO(), content[0], extrasaction="ignore", lineterminator="\n")
-                writer.writeheader()
-                writer.writerows(content[1])
-                file.write(text.getvalue().encode())
+            file.write(data.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:   # torch.save reports a short write as a RuntimeError
-        if not isinstance(error, OSError) and "unexpected pos" not in str(error):
-            raise   # any other RuntimeError is a bug: keep its traceback
+    except OSError as error:   # a KeyboardInterrupt passes through: the old file stays, the temporary goes
         raise write_error(path, error) from None
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def write_error(path, error):
-    if getattr(error, "errno", None) in DISK_FULL or "unexpected pos" in str(error):
+    """A failed write named by its errno: a full disk or quota, a file-size limit, or what the system says."""
+    if error.errno in DISK_FULL:
         return RunError(f"the disk is full: could not write {path.name} in {path.parent}; files saved before are "
                         "intact. Free some space, then run again (or --resume RUN_DIR)")
+    if error.errno == errno.EFBIG:
+        return RunError(f"could not write {path}: the file is larger than a file-size limit allows (`ulimit -f`, "
+                        "or the file system's); files saved before are intact")
     return RunError(f"could not write {path}: {error.strerror or error}")
 
 
 def add_to_summary(output_dir, row):
-    """Add this run's row to OUTPUT_DIR/summary.csv, one run at a time; returns every row."""
+    """Add this run's row to OUTPUT_DIR/summary.csv, one run at a time, replacing a row of the same run (a
+    resumed run that had written it); every column and row is kept. Returns every row."""
     path = Path(output_dir) / "summary.csv"
     try:
         with FileLock(path.with_name(".summary.lock")):   # on every platform; freed if the process dies
-            reader = csv.DictReader(io.StringIO(path.read_text() if path.exists() else ""))
-            rows, columns = [*reader, row], reader.fieldnames or []
+            # utf-8-sig: Excel saves a byte-order mark; newline="": its CRLF line ends are read as such.
+            reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8-sig") if path.exists() else "", ""))
+            rows, columns = [r for r in reader if r.get("run") != row["run"]] + [row], reader.fieldnames or []
+            if len(set(columns)) < len(columns) or any(None in r for r in rows):
+                raise csv.Error("a column name twice, or a row with more fields than the header")
             save(path, ([*row] + [c for c in columns if c not in row], rows))
     except OSError as error:
         raise write_error(path, error) from None
     except (UnicodeDecodeError, csv.Error) as error:
-        raise RunError(f"{path} is not a CSV file this script can read ({error}); move it away") from None
+        raise RunError(f"{path} cannot be updated without losing data ({error}): mend it, or move it away and "
+                       "the next run starts a new one") from None
     return rows
 
 
@@ -700,19 +710,121 @@ def load_checkpoint(path, what):
         raise RunError(f"{what} {path} {problem}") from None
 
 
-# --- The run folder: create, resume, save each epoch, finish ----------------------------------------------
-def open_run(cfg, hw, model, optimizer, stopper):
-    """A new run folder with its config.json, or the state of the run being resumed."""
-    run = SimpleNamespace(cfg=cfg, dir=cfg.resume or new_run_dir(cfg), history=[], next_epoch=1, started=time.time())
+# --- The run folder: owned by one run, created or resumed, saved each epoch, finished, left ----------------
+claimed = SimpleNamespace(dir=None, lock=None, made=False, wrote=False, state=None)   # the folder this process owns
+RESUME_MAY_CHANGE = ("EPOCHS", "NUM_WORKERS", "DATA_DIR", "OUTPUT_DIR")   # in config.json, between stops
+
+
+def claim_run_folder(cfg):
+    """This run's folder, locked for as long as the process lives and before any data is loaded: a new
+    OUTPUT_DIR/<name> (a default name another run took gets -2, -3...), or the folder to resume, whose last.pt
+    must fit its config.json. A folder another run holds, or that this script did not make, is refused."""
+    if cfg.resume:
+        return claim_resumed(cfg)
+    name = cfg.run_name or time.strftime("%m%d-%H%M%S_") + ("dry-run" if cfg.dry_run else "_".join(
+        [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}", f"{cfg.image_size}px"]
+        + ["scratch" if cfg.freeze_until == "none" else "random-weights"] * (cfg.weights == "none")))
+    for n in range(1, 1000):
+        run_dir = cfg.output_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            run_dir.mkdir(parents=True)   # atomic: of two runs, one makes it
+            claimed.made = True
+        except FileExistsError:
+            if not cfg.run_name:
+                continue
+        except OSError as error:   # a name too long for the file system, a loop of symbolic links; a full disk
+            raise (write_error(run_dir, error) if error.errno in DISK_FULL else SettingError(
+                f"OUTPUT_DIR (--output-dir) / --run-name: cannot make {run_dir}: {error.strerror}")) from None
+        if not lock_run_folder(run_dir):
+            if cfg.run_name:
+                raise SettingError(f"--run-name: another run is using {run_dir} now; choose another name")
+            continue
+        found = sorted(p.name for p in run_dir.iterdir() if p.name[0] != ".") if not claimed.made else []
+        if set(found) & {"last.pt", "best.pt", "results.json"}:
+            raise SettingError(f"--run-name: {run_dir} already holds a run; choose another name" + (
+                f", or continue it with --resume {run_dir}" if "last.pt" in found else ""))
+        if not set(found) <= {"config.json", "history.csv"} or not made_by_this_script(run_dir):
+            raise SettingError(f"--run-name: {run_dir} holds files this script did not make ({', '.join(found[:3])});"
+                               " choose another name")   # reused only as a run of this script left it: no epoch
+        return run_dir
+    raise SettingError(f"--run-name: {cfg.output_dir} already holds 999 runs named {name}; choose another name")
+
+
+def made_by_this_script(run_dir):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return isinstance(json.loads((run_dir / "config.json").read_text()).get("settings"), dict)
+    return not (run_dir / "config.json").exists()
+
+
+def lock_run_folder(run_dir):
+    """Lock `run_dir` for this process; the system frees the lock when the process ends, however it ends."""
+    lock = FileLock(run_dir / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return False
+    claimed.dir, claimed.lock = run_dir, lock
+    return True
+
+
+def claim_resumed(cfg):
+    """Lock the run folder to resume, remove what a killed process left, and check last.pt against config.json."""
+    run_dir = cfg.resume
+    if not lock_run_folder(run_dir):
+        raise SettingError(f"--resume {run_dir}: another run of this script is training in that folder now")
+    for stale in run_dir.glob(".*.tmp"):   # a write that a killed process never finished
+        stale.unlink(missing_ok=True)
+    state = claimed.state = load_checkpoint(run_dir / "last.pt", "the checkpoint")
+    if not (isinstance(state, dict) and {"epoch", "model", "optimizer", "scaler", "early_stopping", "history"}
+            <= state.keys() and isinstance(state["epoch"], int) and isinstance(state["history"], list)
+            and all(isinstance(row, dict) and {k for k in HISTORY if k[:3] != "lr_"} <= row.keys()
+                    for row in state["history"])):
+        raise RunError(f"the checkpoint {run_dir / 'last.pt'} is not one this script wrote (keys or history rows "
+                       "missing); start a new run")
+    trained = {**state.get("settings", {}), "dry_run": state.get("dry_run", cfg.dry_run)}   # older: no settings
+    now = {**cfg.settings, "dry_run": cfg.dry_run}
+    if changed := [n for n in now if n not in RESUME_MAY_CHANGE and n in trained and str(trained[n]) != str(now[n])]:
+        raise SettingError(f"--resume {run_dir}: {changed[0]} is {now[changed[0]]!r} in its config.json, but the run "
+                           f"was trained with {trained[changed[0]]!r}; only {', '.join(RESUME_MAY_CHANGE)} may change")
+    if cfg.epochs < state["epoch"]:
+        raise SettingError(f"--resume {run_dir}: EPOCHS is {cfg.epochs} in its config.json, but {state['epoch']} "
+                           "epochs are done; EPOCHS may only be raised, to train longer")
+    cfg.output_dir = run_dir.absolute().parent   # where the run is now, if its folder was moved
+    cfg.settings["OUTPUT_DIR"] = str(cfg.output_dir)
+    return run_dir
+
+
+def leave_run_folder():
+    """Unlock the run folder. A new run that completed no epoch leaves nothing: the files it wrote go, and the
+    folder it made; a user's file is never touched."""
+    run_dir, claimed.dir = claimed.dir, None
+    if run_dir is None:
+        return
+    if claimed.wrote and not (run_dir / "last.pt").exists() and not (run_dir / "results.json").exists():
+        for name in ("config.json", "history.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+    claimed.lock.release()
+    (run_dir / ".lock").unlink(missing_ok=True)
+    if claimed.made:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()   # only if empty
+    claimed.made = claimed.wrote = False
+    claimed.state = None
+
+
+def open_run(cfg, run_dir, hw, model, optimizer, stopper):
+    """The new run's config.json and history.csv, or the resumed run's state restored from its last.pt."""
+    run = SimpleNamespace(cfg=cfg, dir=run_dir, history=[], next_epoch=1, started=time.time())
     if not cfg.resume:
         save(run.dir / "config.json", dict(
             run=run.dir.name, dry_run=cfg.dry_run, settings=cfg.settings, device=str(hw.device),
             precision=str(hw.amp_dtype or torch.float32), torch=torch.__version__, python=sys.version.split()[0],
             torchvision=torchvision.__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S")))
         save(run.dir / "history.csv", (HISTORY, []))
+        claimed.wrote = True   # these two files are this run's: leave_run_folder() removes them if no epoch ends
         print(f"run folder: {run.dir}")
         return run
-    state = load_checkpoint(run.dir / "last.pt", "the checkpoint")
+    state = claimed.state
     try:
         for epoch, block in sorted(cfg.unfreeze_schedule.items()):
             if epoch <= state["epoch"]:
@@ -722,37 +834,16 @@ def open_run(cfg, hw, model, optimizer, stopper):
         if state["scaler"] and hw.scaler.is_enabled():   # a run may resume on a GPU of another precision
             hw.scaler.load_state_dict(state["scaler"])
         vars(stopper).update(state["early_stopping"])
-        run.history, run.next_epoch = list(state["history"]), state["epoch"] + 1
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise RunError(f"{run.dir / 'last.pt'} does not fit the settings in its config.json (were they edited?): "
                        f"{type(error).__name__}: {str(error)[:200]}") from None
+    run.history, run.next_epoch = list(state["history"]), state["epoch"] + 1
     if stopper.best_epoch == state["epoch"]:   # a crash may have come between last.pt and best.pt
         save(run.dir / "best.pt", state["model"])
     save(run.dir / "history.csv", (HISTORY, run.history))
     run.started -= sum(row["seconds"] for row in run.history)   # count the epochs already run
     print(f"resuming {run.dir} after epoch {state['epoch']}")
     return run
-
-
-def new_run_dir(cfg):
-    """OUTPUT_DIR/<run name>, created atomically: a default name that another run took gets -2, -3...;
-    a --run-name folder is reused only when it holds no completed epoch."""
-    name = cfg.run_name or time.strftime("%m%d-%H%M%S_") + ("dry-run" if cfg.dry_run else "_".join(
-        [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}", f"{cfg.image_size}px"]
-        + ["scratch" if cfg.freeze_until == "none" else "random-weights"] * (cfg.weights == "none")))
-    for n in range(1, 1000):
-        run_dir = cfg.output_dir / (name if n == 1 else f"{name}-{n}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            if cfg.run_name and run_dir.is_dir() and not [*run_dir.glob("*.pt"), *run_dir.glob("results.json")]:
-                return run_dir
-            if cfg.run_name:
-                raise SettingError(f"--run-name: {run_dir} already holds a run; choose another name" + (
-                    f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists() else "")) from None
-        except OSError as error:
-            raise write_error(run_dir, error) from None
 
 
 def resume_argv(run_dir, parser):
@@ -778,7 +869,8 @@ def save_epoch(run, model, optimizer, hw, stopper, improved, row):
     lrs = group_lrs(optimizer)
     run.history.append({**row, **{f"lr_{name}": lr for name, lr in lrs.items()}, "trainable": " ".join(lrs)})
     save(run.dir / "last.pt", dict(epoch=row["epoch"], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                   scaler=hw.scaler.state_dict(), early_stopping=vars(stopper), history=run.history))
+                                   scaler=hw.scaler.state_dict(), early_stopping=vars(stopper), history=run.history,
+                                   settings=run.cfg.settings, dry_run=run.cfg.dry_run))   # checked on resume
     if improved:
         save(run.dir / "best.pt", model.state_dict())
     save(run.dir / "history.csv", (HISTORY, run.history))
@@ -795,17 +887,16 @@ def stop_reason(run, stopper):
     return f"all epochs ran (EPOCHS = {run.cfg.epochs})" if done else "interrupted"
 
 
-def stop_without_test(run, why=""):
-    """Stopped by a signal (before the test pass, or after it): say what is kept and how to go on."""
-    if (run.dir / "last.pt").exists():
-        print((why and f"\n{why}\n") + f"\nkept in {files_in(run.dir)}\nresume with: python fine_tuning.py --resume "
-              f"{run.dir}")
-    else:   # leave no run folder behind
+def stop_without_test(why=""):
+    """Stopped (by a signal, at any point): say what is kept and how to go on, or that nothing was kept."""
+    run_dir = claimed.dir
+    if run_dir and (run_dir / "last.pt").exists():
+        print((why and f"\n{why}\n") + f"\nkept in {files_in(run_dir)}\nresume with: python fine_tuning.py --resume "
+              f"{run_dir}")
+    elif run_dir and not (run_dir / "results.json").exists():   # leave_run_folder() removes what it wrote
         print("no epoch was completed: there is nothing to test or to resume; run the same command again.")
-        for name in ("config.json", "history.csv"):
-            (run.dir / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run.dir.rmdir()
+    else:
+        print("\ninterrupted.", file=sys.stderr)
     return 128 + (stop_requested or signal.SIGINT)
 
 
@@ -829,7 +920,7 @@ def finish_run(run, stopper, reason, classes, test_loss, confusion, tested):
             val_images=best.get("val_images"),
             epochs_run=run.history[-1]["epoch"], minutes=round(minutes, 2))))
     if reason == "interrupted":
-        return stop_without_test(run)   # the files kept, and the resume command
+        return stop_without_test()   # the files kept, and the resume command
     (run.dir / "last.pt").unlink(missing_ok=True)   # only needed to resume: a finished run keeps best.pt
     print(f"\nfiles in {files_in(run.dir)}")
     return 0
@@ -1191,25 +1282,22 @@ def choose_precision(device):
 
 def cli(argv=None):
     """main() with every expected failure as a one-line message and an exit code: 0 done, 1 something
-    outside the code failed (or the output was closed), 2 a bad setting, 130 stopped by Ctrl-C, 143 by SIGTERM."""
+    outside the code failed (or the output was closed), 2 a bad setting, 130 stopped by Ctrl-C, 143 by SIGTERM.
+    Wherever it stops, the run folder is left as promised: resumable, finished, or gone if no epoch ended."""
     global stop_requested
     stop_requested, handlers = 0, {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stdout = sys.stdout = Output(sys.stdout)   # output to a full disk, or closed, cannot stop the run
     try:
-        code = main(argv)
-        sys.stdout.flush()   # a closed output pipe is handled below, not by a traceback at exit
-        return code
+        return main(argv)
     except SystemExit as exit:   # argparse: --help, or a bad setting (2)
         return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
     except (SettingError, RunError) as error:
         print(f"{'fine_tuning.py: ' * isinstance(error, SettingError)}error: {error}", file=sys.stderr)
         return 2 if isinstance(error, SettingError) else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted.", file=sys.stderr)
-        return 128 + (stop_requested or signal.SIGINT)
+    except KeyboardInterrupt:   # a second Ctrl-C, or one outside training: stop at once, say how to go on
+        return stop_without_test()
     except BrokenPipeError:   # the reader of the output went away (`| head`): stop without a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so that exit's own flush cannot fail
-        with contextlib.suppress(OSError):
-            print("error: the output was closed (by `| head`?): stopped.", file=sys.stderr)
+        print("error: the output was closed (by `| head`?): stopped.", file=sys.stderr)
         return 1
     except RuntimeError as error:   # torch.OutOfMemoryError on CUDA; a plain RuntimeError on MPS
         if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
@@ -1218,12 +1306,49 @@ def cli(argv=None):
         elif str(error).startswith("CUDA error"):   # a busy GPU, or one this build of torch does not support
             print(f"error: the GPU failed ({str(error).splitlines()[0]}).\n  To train on the CPU instead, run: "
                   "CUDA_VISIBLE_DEVICES= python fine_tuning.py ...", file=sys.stderr)
+        elif str(error).startswith("DataLoader worker"):   # killed (out of memory?), as a signal to the group does
+            if stop_requested:
+                return stop_without_test()
+            print(f"error: a DataLoader worker process died ({str(error).splitlines()[0].rstrip('. ')}), perhaps "
+                  "for lack of memory. Try --num-workers 0 (or fewer workers)", file=sys.stderr)
+            stop_without_test() if claimed.dir and (claimed.dir / "last.pt").exists() else None
         else:
             raise   # anything else is a bug: keep its traceback
         return 1
     finally:
+        leave_run_folder()
+        sys.stdout = stdout.stream
+        if stdout.error:
+            print(f"note: the output could not be written ({stdout.error.strerror}); the run went on", file=sys.stderr)
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+class Output:
+    """stdout that a full disk cannot stop: the first failed write is remembered, and later output dropped.
+    A closed pipe (`| head`) still raises BrokenPipeError, which stops the run, since its reader is gone."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream or open(os.devnull, "w"), None   # None: stdout was closed (`>&-`)
+
+    def write(self, text):
+        self.guard(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self.guard(self.stream.flush)
+
+    def guard(self, call, *args):
+        try:
+            return None if self.error else call(*args)
+        except BrokenPipeError:   # the pipe becomes /dev/null, so that no later flush can fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            raise
+        except OSError as error:
+            self.error = error
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":

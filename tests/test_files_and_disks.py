@@ -21,17 +21,36 @@ def one_batch_per_phase(monkeypatch):
     monkeypatch.setattr(ft, "DRY_RUN_BATCHES", 1)
 
 
+class FailingFile:
+    """A file opened for writing whose write() writes 10 bytes and then fails as `failure` says."""
+
+    def __init__(self, file, failure):
+        self.file, self.failure = file, failure
+
+    def write(self, data):
+        self.file.write(bytes(data)[:10])
+        raise self.failure
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def fail_writes(monkeypatch, failure, victim=lambda path: True):
+    """From now on, ft.save()'s writes into files for which victim(path) holds fail with `failure`."""
+    monkeypatch.setattr(ft, "open", lambda path, mode="r": FailingFile(open(path, mode), failure) if victim(
+        ft.Path(path)) else open(path, mode), raising=False)
+
+
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "best.pt"
     ft.save(path, {"w": torch.ones(3)})
-    real_save = torch.save
-
-    def crash_halfway(obj, file):
-        real_save(obj, file)
-        file.truncate(10)                                        # half-written...
-        raise OSError(errno.EIO, "Input/output error")           # ...and then the crash
-
-    monkeypatch.setattr(torch, "save", crash_halfway)
+    fail_writes(monkeypatch, OSError(errno.EIO, "Input/output error"))   # half-written, then the crash
     with pytest.raises(ft.RunError, match="could not write .*best.pt: Input/output error"):
         ft.save(path, {"w": torch.zeros(3)})
     monkeypatch.undo()
@@ -40,44 +59,59 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_file_intact(tmp_pat
 
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
-SHORT_WRITE = RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
-                           "data/3: file write failed, unexpected pos 64")   # what torch.save says on a full disk
+TOO_LARGE = OSError(errno.EFBIG, "File too large")            # a file-size limit (ulimit -f)
+DISK_FULL_LINE = "error: the disk is full: could not write {victim} in {run_dir}; files saved before are intact. " \
+                 "Free some space, then run again (or --resume RUN_DIR)"
 
 
-@pytest.mark.parametrize("victim,failure", [("last.pt", NO_SPACE), ("best.pt", SHORT_WRITE), ("history.csv", NO_SPACE)])
-def test_a_full_disk_gives_one_line_keeps_the_last_completed_epoch_and_the_run_resumes(failure, victim, tmp_path,
-                                                                                     capsys, monkeypatch):
-    real_save, real_torch_save, real_writer, writes = ft.save, torch.save, csv.DictWriter, []
+@pytest.mark.parametrize("victim,failure,code,message", [
+    ("last.pt", NO_SPACE, 1, DISK_FULL_LINE),
+    ("best.pt", TOO_LARGE, 1, "error: could not write {run_dir}/best.pt: the file is larger than a file-size limit"),
+    ("history.csv", NO_SPACE, 1, DISK_FULL_LINE),
+    ("last.pt", KeyboardInterrupt(), 130, ""),                  # a second Ctrl-C during the write: stop at once
+])
+def test_a_failed_write_is_named_by_its_cause_keeps_the_last_completed_epoch_and_the_run_resumes(
+        victim, failure, code, message, tmp_path, capsys, monkeypatch):
+    real_save, writes = ft.save, []
 
-    def disk_fills_in_epoch_2(path, content):
+    def fails_in_epoch_2(path, content):
         writes.append(path.name)
-        if path.name == victim and writes.count("last.pt") == 2:       # epoch 2's save
-            if path.suffix == ".pt":
-                monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(failure))
-            else:
-                monkeypatch.setattr(ft.csv, "DictWriter", lambda *a, **k: (_ for _ in ()).throw(failure))
-        try:
+        with monkeypatch.context() as patch:
+            if path.name == victim and writes.count("last.pt") == 2:       # epoch 2's save
+                fail_writes(patch, failure)
             return real_save(path, content)
-        finally:
-            monkeypatch.setattr(torch, "save", real_torch_save)
-            monkeypatch.setattr(ft.csv, "DictWriter", real_writer)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ft, "save", disk_fills_in_epoch_2)
-        code, _, err = run(capsys, *dry(tmp_path, "--run-name", "full"))
+        patch.setattr(ft, "save", fails_in_epoch_2)
+        got, out, err = run(capsys, *dry(tmp_path, "--run-name", "full"))
     run_dir = tmp_path / "full"
-    assert code == 1 and "Traceback" not in err, err
-    assert err.strip() == (f"error: the disk is full: could not write {victim} in {run_dir}; files saved before are "
-                           "intact. Free some space, then run again (or --resume RUN_DIR)")
-    assert not list(run_dir.glob(".*"))
+    assert got == code and "Traceback" not in err, err
+    assert err.strip().startswith(message.format(victim=victim, run_dir=run_dir)), err
+    if code == 130:
+        assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
+    assert not list(run_dir.glob(".*"))                                  # no temporary file, no lock left
     saved = load_state(run_dir / "last.pt")["epoch"]
     assert saved == (1 if victim == "last.pt" else 2)                   # a completed epoch is never lost
-    code, out, err = run(capsys, "--resume", run_dir)
-    assert code == 0 and f"after epoch {saved}" in out, err
+    got, out, err = run(capsys, "--resume", run_dir)
+    assert got == 0 and f"after epoch {saved}" in out, err
     rows = list(csv.DictReader((run_dir / "history.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     best = json.loads((run_dir / "results.json").read_text())["best_epoch"]
     assert load_state(run_dir / "best.pt").keys() and best in (1, 2, 3)
+
+
+def test_a_real_file_size_limit_is_named_as_such(tmp_path):
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # then write() fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(ft.RunError, match="best.pt: the file is larger than a file-size limit allows"):
+            ft.save(tmp_path / "best.pt", {"w": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_full_disk_when_the_run_folder_is_made_or_summary_csv_is_written_is_named(tmp_path, capsys, monkeypatch):
@@ -177,7 +211,7 @@ def test_concurrent_runs_never_lose_a_summary_row(tmp_path):
 
 
 def make_folder(queue, cfg):
-    queue.put(str(ft.new_run_dir(cfg)))
+    queue.put(str(ft.claim_run_folder(cfg)))
 
 
 def test_two_runs_started_in_the_same_second_both_get_a_folder(tmp_path, monkeypatch):
@@ -202,5 +236,6 @@ def test_a_run_name_that_is_a_file_the_script_writes_is_refused(tmp_path, capsys
 
 def test_sigterm_outside_training_stops_at_once_with_exit_143(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ft, "load_data", lambda cfg, hw: ft.on_stop_signal(signal.SIGTERM, None))
-    code, _, err = run(capsys, *dry(tmp_path))
-    assert code == 143 and "interrupted" in err and "Traceback" not in err
+    code, out, err = run(capsys, *dry(tmp_path))
+    assert code == 143 and "no epoch was completed" in out and "Traceback" not in err
+    assert not list(tmp_path.iterdir())                               # the run folder made at start is gone
