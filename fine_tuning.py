@@ -78,6 +78,8 @@ try:   # the light packages first, so that a missing one is reported at once
     from filelock import FileLock, Timeout   # installed with torch: lets processes take turns with a file
 except ImportError as missing:
     sys.exit(f"error: {missing.name or missing} is not installed. Run: pip install -r requirements.txt")
+except KeyboardInterrupt:   # Ctrl-C while torch loads: nothing has started yet
+    sys.exit(print("\ninterrupted (while loading torch): nothing was started.", file=sys.stderr) or 130)
 if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) < (2, 5):
     sys.exit(f"error: this script needs torch >= 2.5 (found {torch.__version__}). Run: pip install -r requirements.txt")
 
@@ -441,7 +443,7 @@ def checked(kind, test, expected, word=None):
     def parse(text):
         if word and text.strip().lower() == word:
             return word
-        with contextlib.suppress(ValueError, OverflowError, OSError):
+        with contextlib.suppress(ValueError, OverflowError, OSError, RuntimeError):   # ~nobody/: RuntimeError
             if (value := kind(text)) is not None and test(value):
                 return value
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {word + ' or ' if word else ''}{expected}")
@@ -456,13 +458,15 @@ def folder(text, writable=False):
     """A folder's path; None when empty, 'none', not a folder, or not writable where it must be."""
     path = Path(text.strip()).expanduser()
     nearest = next(p for p in [path, *path.absolute().parents] if p.exists())
-    ok = text.strip().lower() not in ("", "none") and nearest.is_dir()   # not a file, nor under one
+    ok = text.strip().lower() not in ("", "none") and "\0" not in text and nearest.is_dir()   # nor under a file
     return path if ok and (not writable or os.access(nearest, os.W_OK | os.X_OK)) else None
 
 
 def weights_choice(text):
     """IMAGENET1K_V1 (DEFAULT names it too), none, or a file's absolute path (checked in check_together())."""
     name = text.strip()
+    if not name or "\0" in name:   # "" would name the working folder
+        raise ValueError(name)
     if name.lower() == "none" or name.upper() in models.ResNet18_Weights.__members__:
         return "none" if name.lower() == "none" else models.ResNet18_Weights[name.upper()].name
     if not os.path.exists(name) and not re.search(r"[/\\.~]", name):   # a word, not a path: a misspelt name
@@ -592,8 +596,8 @@ def check_together(cfg):
     if os.path.isabs(cfg.weights) and not cfg.resume and not os.path.isfile(cfg.weights):   # resumed: last.pt
         try:
             problem = "not a regular file" if Path(cfg.weights).exists() else "no such file"
-        except OSError as error:   # e.g. in a folder we may not look into
-            problem = error.strerror
+        except (OSError, ValueError) as error:   # e.g. in a folder we may not look into
+            problem = getattr(error, "strerror", None) or str(error)
         raise SettingError(f"WEIGHTS (--weights) = '{cfg.weights}' is not allowed: expected IMAGENET1K_V1, none, or "
                            f"a ResNet18 state-dict file ({problem})")
     labels = torch.arange(CIFAR10_TRAIN_IMAGES) % NUM_CLASSES
@@ -853,6 +857,8 @@ def resume_argv(run_dir, parser):
         saved = dict(config["settings"])
     except (OSError, ValueError, KeyError, TypeError):
         parser.error(f"--resume {run_dir}: its config.json cannot be read; give a run folder made by this script")
+    if not isinstance(config.get("dry_run", False), bool):
+        parser.error(f"--resume {run_dir}: dry_run in its config.json is {config['dry_run']!r}, not true or false")
     if missing := [name for name in SETTINGS if name not in saved]:
         parser.error(f"--resume {run_dir}: its config.json has no {', '.join(missing)} (written by an older "
                      "version of this script?); start a new run")
@@ -1061,9 +1067,9 @@ def stopping():
 
 
 def ignore_stop_signals(worker_id):
-    # DataLoader workers share the terminal and the job: the main process alone decides how to stop.
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+    # DataLoader workers share the terminal: Ctrl-C reaches them too, and the main process alone decides how to
+    # stop. SIGTERM still ends a worker, so that no worker outlives the run (multiprocessing stops them with it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_seed(seed, epoch, stream):
@@ -1081,7 +1087,12 @@ class Progress:
     def __init__(self, loader, desc, max_batches, device):
         self.desc, self.total = desc, min(len(loader), max_batches or len(loader))
         self.losses, self.checked, self.seen = [], 0, 0   # each batch's loss; how many were checked; images
-        self.bar = tqdm(islice(loader, self.total), desc, self.total, leave=False, disable=None, dynamic_ncols=True)
+        try:   # iter(loader) starts the DataLoader's worker processes
+            batches = islice(loader, self.total)
+        except OSError as error:   # fork refused, e.g. under a limit on processes
+            raise RunError(f"could not start {loader.num_workers} DataLoader worker processes ({error}). Try "
+                           "--num-workers 0") from None
+        self.bar = tqdm(batches, desc, self.total, leave=False, disable=None, dynamic_ncols=True)
         self.sums = torch.zeros(2, device=device)   # loss x images, correct predictions
         self.logged = time.monotonic()              # when the last plain progress line was printed
 
@@ -1129,6 +1140,11 @@ def load_cifar10(data_dir):
     delete = (f"\n  Delete {folder} and run again to download a fresh copy." if not folder.exists() or all(
         os.access(path, os.W_OK) for path in (folder, root)) else f"\n  {folder} may not be changed (shared or read-only): set DATA_DIR "
         "(--data-dir) to a folder of your own, and the next run downloads a fresh copy there.")
+    names = [name for name, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
+    for path, kind in [(root, "folder"), (folder, "folder"), (archive, "file"), *((folder / n, "file") for n in names)]:
+        if path.exists() and path.is_dir() != (kind == "folder"):   # e.g. cifar-10-batches-py as a file
+            raise RunError(f"{path} is a {'file' if kind == 'folder' else 'folder'}, where CIFAR-10 needs a {kind}: "
+                           "move it away, or set DATA_DIR (--data-dir) to another folder")
     try:
         for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
             if folder.exists() and not check_integrity(str(folder / name), md5):
@@ -1212,12 +1228,16 @@ def state_dict_problem(model, state):
     """What stops `state` from being ResNet18 weights with finite values, or None."""
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
-    def is_state_dict(d):
-        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+    def is_state_dict(d):   # names to ordinary tensors: no sparse or meta tensor, no key that is not a name
+        return isinstance(d, dict) and d and all(isinstance(k, str) and isinstance(v, torch.Tensor) and
+                                                 v.layout == torch.strided and not v.is_meta for k, v in d.items())
     if not is_state_dict(state):   # a run's last.pt or a Lightning checkpoint holds one under a key
         inside = next((key for key, v in state.items() if is_state_dict(v)), None) if isinstance(state, dict) else None
-        return "is not a state dict (a dict of parameter names to tensors)" + (
+        return "is not a state dict (a dict of parameter names to ordinary tensors)" + (
             f"; it holds one under {inside!r}: save that alone, or pass a run's best.pt" if inside else "")
+    if all(k.startswith("module.") for k in state):
+        return ("was saved from nn.DataParallel or DistributedDataParallel (every name starts with 'module.'): "
+                "save model.module.state_dict() instead, or strip that prefix from the names")
     if wrong := [k for k in expected if k not in state and "num_batches" not in k] + [
             k for k in state if k not in expected and not k.startswith("fc.")]:
         return f"is not a ResNet18 state dict (missing or unexpected: {', '.join(wrong[:3])})"
@@ -1341,10 +1361,11 @@ class Output:
     def guard(self, call, *args):
         try:
             return None if self.error else call(*args)
-        except BrokenPipeError:   # the pipe becomes /dev/null, so that no later flush can fail
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            raise
-        except OSError as error:
+        except OSError as error:   # a full disk (`> /dev/full`), or the reader went away (`| head`)
+            with contextlib.suppress(OSError, ValueError):   # now /dev/null: no later flush can fail, at exit too
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            if isinstance(error, BrokenPipeError):
+                raise
             self.error = error
 
     def __getattr__(self, name):

@@ -173,7 +173,7 @@ def resnet_state(**changes):
 @pytest.mark.parametrize("content,message", [
     (torch.zeros(3), "is not a state dict"),
     ({}, "is not a state dict"),
-    ({"epoch": 3, "model": resnet_state()}, "is not a state dict (a dict of parameter names to tensors); it holds "
+    ({"epoch": 3, "model": resnet_state()}, "is not a state dict (a dict of parameter names to ordinary tensors); it holds "
                                             "one under 'model': save that alone, or pass a run's best.pt"),
     (resnet_state(**{"conv1.weight": torch.zeros(64, 3, 3, 3)}), "does not fit ResNet18 (conv1.weight"),
     ({"encoder.weight": torch.zeros(3)}, "is not a ResNet18 state dict"),

@@ -168,7 +168,8 @@ def test_a_corrupt_or_mismatched_last_pt_is_named(tmp_path, capsys, monkeypatch)
     config["settings"]["FREEZE_UNTIL"] = "layer4"                  # edited by hand after the run
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "--resume", tmp_path / "r")
-    assert code == 1 and "does not fit the settings in its config.json" in err and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    assert "FREEZE_UNTIL is 'layer4' in its config.json, but the run was trained with 'layer2'" in err
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_nothing_and_the_same_command_works_again(tmp_path, capsys, monkeypatch):
@@ -187,7 +188,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_and_the_same_command_works_aga
     assert code == 130 and "stopping after this batch" in out and "nothing to test or to resume" in out
     assert not (tmp_path / "early").exists()
     (tmp_path / "early").mkdir()                                   # as a killed run would leave it
-    (tmp_path / "early" / "config.json").write_text("{}")
+    (tmp_path / "early" / "config.json").write_text(json.dumps({"run": "early", "settings": {}}))
     assert run(capsys, *args)[0] == 0                               # the same command starts over
     code, _, err = run(capsys, *args)
     assert code == 2 and "already holds a run; choose another name" in err
