@@ -20,8 +20,7 @@ VAL_FRACTION = 0.1           # of the 50,000 training images: 45,000 train / 5,0
 TRAIN_PER_CLASS = "all"      # "all", or keep N training images per class: try 100 (little data)
 IMAGE_SIZE = "auto"          # "auto": 224 on CUDA (ImageNet's size), 32 elsewhere (CIFAR's, fast)
 # model
-WEIGHTS = "IMAGENET1K_V1"    # ImageNet weights; "none" = random (from scratch: with FREEZE_UNTIL
-                             # "none"); or a ResNet18 state-dict file
+WEIGHTS = "IMAGENET1K_V1"    # ImageNet's; "none": random (from scratch with FREEZE_UNTIL "none"); or a file
 FREEZE_UNTIL = "layer2"      # last frozen block: none, stem, layer1..layer4 (layer4 = feature
                              # extraction: only the new head trains)
 UNFREEZE_SCHEDULE = {}       # gradual unfreezing: {5: "layer2", 10: "layer1"} releases layer2 at
@@ -32,7 +31,6 @@ FROZEN_BN = "eval"           # BatchNorm in frozen blocks: "eval" keeps ImageNet
 BATCH_SIZE = 32              # images per step
 EPOCHS = 15                  # at most; early stopping usually ends the run sooner
 BACKBONE_LR = 1e-4           # layer4's learning rate: small steps keep what ImageNet taught
-                             # (Adam: a rate above 1 is refused, as a typo for 1e-x)
 LAYER_LR_DECAY = 1.0         # each block below layer4 learns at this times the rate above it
                              # (1.0: every pretrained block at BACKBONE_LR; try 0.5)
 HEAD_LR = 1e-3               # the new head starts from random weights: 10x larger steps
@@ -60,7 +58,6 @@ import textwrap
 import time
 import urllib.error
 import warnings
-from collections import Counter
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -188,18 +185,14 @@ def build_model(weights):
 
 
 # === Freezing: which blocks learn =======================================================================
-## Early blocks detect generic things (edges, colours, textures) that help on
-## any image, so we freeze them; later blocks combine them into ImageNet-
-## specific parts, so we fine-tune them. "Frozen" has two switches:
-##   1. requires_grad=False: the optimizer never changes the weights;
-##   2. the mode of the block's BatchNorm layers. In train mode BatchNorm
-##      normalises with each batch's statistics and updates its running
-##      averages (momentum 0.1: 99% of ImageNet's are replaced within 44
-##      batches). In eval mode it uses the running averages and keeps them.
-## Which is better is a real choice: Keras keeps every BatchNorm in eval mode;
-## fastai trains the BatchNorm of frozen blocks. FROZEN_BN chooses ("eval" by
-## default). model.train() puts every layer into train mode, so
-## set_train_mode() puts frozen blocks back into eval mode, every epoch.
+## Early blocks detect generic things (edges, colours, textures) that help on any
+## image, so we freeze them; later blocks combine them into ImageNet-specific
+## parts, so we fine-tune them. "Frozen" has two switches: requires_grad=False
+## (the optimizer never changes the weights), and the mode of the block's
+## BatchNorm: in train mode it normalises with each batch's statistics and
+## updates its running averages (99% of ImageNet's are gone within 44 batches);
+## in eval mode it keeps them. Keras keeps all BatchNorm in eval mode, fastai
+## trains frozen blocks' BatchNorm: FROZEN_BN chooses, "eval" by default.
 def block_modules(model):
     """The six blocks of ResNet18 that freezing and learning rates act on, input to output."""
     return {"stem": nn.ModuleList([model.conv1, model.bn1]), "layer1": model.layer1,
@@ -218,7 +211,7 @@ def freeze(model, freeze_until):
 
 
 def set_train_mode(model, frozen_bn="eval"):
-    """model.train(); with frozen_bn "eval", frozen blocks stay in eval mode: their BatchNorm keeps its statistics."""
+    """model.train(), but with frozen_bn "eval", frozen blocks go back to eval mode: their statistics stay."""
     model.train()
     for block in block_modules(model).values():
         if not is_trainable(block) and frozen_bn == "eval":
@@ -246,8 +239,7 @@ def param_groups(model, cfg):
 
 
 def make_optimizer(groups, device):
-    # fused=True: one kernel for all the tensors on CUDA, one C++ loop over them on the CPU, instead of
-    # several small operations per tensor.
+    # fused=True: one kernel for all tensors on CUDA, one C++ loop on the CPU, not several ops per tensor.
     return torch.optim.Adam(groups, fused=device.type in ("cuda", "cpu"))
 
 
@@ -267,9 +259,7 @@ def unfreeze(model, optimizer, block_name, cfg):
 
 
 # === The training step ==================================================================================
-## One training step: forward pass, loss, clear last step's gradients,
-## backward pass (gradients reach only the trainable blocks), optimizer
-## update (each parameter group with its own learning rate). Each epoch's
+## The classic loop: forward, loss, zero_grad, backward, step. Each epoch's
 ## shuffle and augmentation are seeded from (SEED, epoch), so a resumed run
 ## sees exactly the batches an uninterrupted one would.
 def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
@@ -299,8 +289,7 @@ def train_one_epoch(model, loader, optimizer, hw, epoch, cfg):
 ## statistics, so a prediction never depends on the other images in the batch.
 @torch.inference_mode()   # no autograd bookkeeping at all: faster than no_grad
 def evaluate(model, loader, hw, cfg, desc):
-    """Mean loss, the confusion matrix (rows: true class, columns: predicted) and each image's predicted
-    class and its probability, or None if stopped."""
+    """Mean loss, confusion matrix (rows: true class), each image's (prediction, probability); None if stopped."""
     model.eval()
     progress = Progress(loader, desc, cfg.max_batches, hw.device)
     confusion = torch.zeros(NUM_CLASSES ** 2, dtype=torch.int64, device=hw.device)
@@ -410,8 +399,9 @@ def main(argv=None):
 # The lesson ends here: on a first read, stop and go on with the README. Below is plumbing: the command
 # line and its checks, files, the run folder and resume, reports, signals and progress, downloads, devices.
 # =========================================================================================================
-SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZE_UNTIL UNFREEZE_SCHEDULE FROZEN_BN BATCH_SIZE "
-            "EPOCHS BACKBONE_LR LAYER_LR_DECAY HEAD_LR MONITOR PATIENCE MIN_DELTA NUM_WORKERS OUTPUT_DIR").split()
+SETTINGS = ("DATA_DIR SEED VAL_FRACTION TRAIN_PER_CLASS IMAGE_SIZE WEIGHTS FREEZE_UNTIL UNFREEZE_SCHEDULE FROZEN_BN "
+            "BATCH_SIZE EPOCHS BACKBONE_LR LAYER_LR_DECAY HEAD_LR MONITOR PATIENCE MIN_DELTA NUM_WORKERS "
+            "OUTPUT_DIR").split()
 CIFAR10_TRAIN_IMAGES = 50_000   # known before any download, so the split is checked first
 SYNTHETIC_SIZES = (2_000, 500)  # --dry-run: training and test images of class-tinted noise
 DRY_RUN_BATCHES = 2             # --dry-run: batches per phase (train, validation, test)
@@ -520,7 +510,7 @@ def settings_parser():
     add("IMAGE_SIZE", checked(int, lambda n: 32 <= n <= 512, "a whole number from 32 to 512 (CIFAR has 32 pixels, "
                               "ImageNet about 224)", "auto"), "pixels fed to the model; auto: 224 on CUDA, else 32")
     add("WEIGHTS", checked(weights_choice, bool, "one of the known names IMAGENET1K_V1 and none, or the path of a "
-                           "ResNet18 state-dict file"), "IMAGENET1K_V1, none (random init), or a ResNet18 state-dict file")
+                           "ResNet18 state-dict file"), "IMAGENET1K_V1, none (random), or a ResNet18 state-dict file")
     add("FREEZE_UNTIL", one_of("none", *BLOCKS[:-1]), "last frozen block: %(choices)s", choices=["none", *BLOCKS[:-1]])
     add("UNFREEZE_SCHEDULE", checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 5:layer2,"
                                      "10:layer1, each epoch once, blocks from stem to layer4"), "gradual unfreezing")
@@ -617,9 +607,10 @@ def check_together(cfg):
               "which is almost never meant. From scratch means every block trains: add --freeze-until none.")
     # A dry run runs on what the synthetic set has, and its line says where that is less than asked for.
     have = len(stratified_split(torch.arange(SYNTHETIC_SIZES[0]) % NUM_CLASSES, cfg.val_fraction, cfg.seed)[0])
-    cfg.dry_run_note = "".join([f"; {have // NUM_CLASSES} training images per class, not {cfg.train_per_class}"] * (
+    fewer = [f"{have // NUM_CLASSES} training images per class, not {cfg.train_per_class}"] * (
         cfg.train_per_class != "all" and cfg.train_per_class > have // NUM_CLASSES) + [
-        f"; batches of {have}, not {cfg.batch_size}"] * (cfg.batch_size > have))
+        f"batches of {have}, not {cfg.batch_size}"] * (cfg.batch_size > have)
+    cfg.dry_run_note = f", but the synthetic set has fewer images: {'; '.join(fewer)}" if fewer else ""
     if cfg.dry_run:
         cfg.batch_size = min(cfg.batch_size, have)
 
@@ -749,12 +740,12 @@ def claim_run_folder(cfg):
                 f", or continue it with --resume {run_dir}" if "last.pt" in found else ""))
         if not set(found) <= {"config.json", "history.csv"} or not made_by_this_script(run_dir):
             raise SettingError(f"--run-name: {run_dir} holds files this script did not make ({', '.join(found[:3])});"
-                               " choose another name")   # reused only as a run of this script left it: no epoch
+                               " choose another name")
         return run_dir
     raise SettingError(f"--run-name: {cfg.output_dir} already holds 999 runs named {name}; choose another name")
 
 
-def made_by_this_script(run_dir):
+def made_by_this_script(run_dir):   # as a run of this script leaves it before its first epoch (then reused)
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return isinstance(json.loads((run_dir / "config.json").read_text()).get("settings"), dict)
     return not (run_dir / "config.json").exists()
@@ -799,8 +790,7 @@ def claim_resumed(cfg):
 
 
 def leave_run_folder():
-    """Unlock the run folder. A new run that completed no epoch leaves nothing: the files it wrote go, and the
-    folder it made; a user's file is never touched."""
+    """Unlock the run folder; a new run that completed no epoch removes the files and the folder it made."""
     run_dir, claimed.dir = claimed.dir, None
     if run_dir is None:
         return
@@ -986,8 +976,8 @@ def pictures(run, best_epoch, classes, test_set, predictions):
         best = scale * next(r[f"val_{metric}"] for r in run.history if r["epoch"] == best_epoch)
         axis.plot(best_epoch, best, "*", color="gold", markeredgecolor="black", markersize=16,
                   label=f"best epoch ({best_epoch})")
-        for (epoch, block), color in zip(sorted(run.cfg.unfreeze_schedule.items()), ["tab:purple", "tab:brown",
-                                                                                     "tab:pink", "tab:olive", "tab:cyan"]):
+        colors = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]   # one per unfreezing
+        for (epoch, block), color in zip(sorted(run.cfg.unfreeze_schedule.items()), colors):
             axis.axvline(epoch - 0.5, color=color, linestyle="--", label=f"unfreeze {block} (before epoch {epoch})")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
         axis.set(xlabel="epoch", ylabel=label, title=label)
@@ -996,8 +986,9 @@ def pictures(run, best_epoch, classes, test_set, predictions):
     images, labels = test_set.tensors
     predicted, confidence = predictions[:, 0].long(), predictions[:, 1]
     wrong = (predicted != labels[:len(predicted)]).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:16].tolist()
     mistakes = Figure(figsize=(8, 9), layout="constrained")
-    for axis, i in zip(mistakes.subplots(4, 4).flat, [*wrong[confidence[wrong].argsort(descending=True)][:16], *[None] * 16]):
+    for axis, i in zip(mistakes.subplots(4, 4).flat, worst + [None] * 16):
         axis.set_axis_off()
         if i is not None:
             axis.imshow(images[i].permute(1, 2, 0).numpy())
@@ -1012,7 +1003,7 @@ def print_comparison(rows, limit=8, width=100):
     against the one before it by best validation accuracy, and whether that is beyond one run's noise."""
     shown, names = rows[-limit:], [name for name in SETTINGS if name not in ("DATA_DIR", "OUTPUT_DIR")]
     values = [{n: Path(str(row[n])).name for n in names if row.get(n) not in (None, "")} for row in shown]
-    usual = {n: Counter(v[n] for v in values if n in v).most_common(1)[0][0] for n in names if any(n in v for v in values)}
+    usual = {n: max(seen, key=seen.count) for n in names if (seen := [v[n] for v in values if n in v])}
     column = min(max(len(str(row.get("run"))) for row in shown) + 2, 40)
     print(f"\nruns so far (last {len(shown)} of {len(rows)}, from summary.csv); settings: where a run differs from "
           f"most:\n{'run':<{column}}{'val acc':>8}{'test acc':>9}{'ep':>4}{'min':>6}  settings")
@@ -1020,8 +1011,8 @@ def print_comparison(rows, limit=8, width=100):
         name = str(row.get("run"))
         if len(name) >= column:   # a long name gets a line of its own, never cut
             print(name)
-        cells = [format(float(row[key]), spec) if str(row.get(key, "")).replace(".", "").isdigit() else "?"
-                 for key, spec in [("best_val_acc", ".1%"), ("test_acc", ".1%"), ("epochs_run", ".0f"), ("minutes", ".1f")]]
+        cells = [format(float(row[key]), spec) if str(row.get(key, "")).replace(".", "").isdigit() else "?" for
+                 key, spec in [("best_val_acc", ".1%"), ("test_acc", ".1%"), ("epochs_run", ".0f"), ("minutes", ".1f")]]
         lead = f"{name if len(name) < column else '':<{column}}{cells[0]:>8}{cells[1]:>9}{cells[2]:>4}{cells[3]:>6}  "
         text = " ".join(f"{n}={v}" for n, v in known.items() if v != usual[n]) if known else "(settings unknown)"
         print("\n".join(textwrap.wrap(text, width, initial_indent=lead, subsequent_indent=" " * len(lead),
@@ -1038,8 +1029,8 @@ def print_comparison(rows, limit=8, width=100):
         verdict = f", {'within' if abs(gap) < noise else 'beyond'} one run's noise (about ±{noise:.1f})"
         changes = ", ".join(changed) or ("same settings" if known else "settings unknown")
         print(textwrap.fill(f"vs {before['run']} ({changes}): best validation accuracy {gap:+.1f} points"
-                            f"{verdict * math.isfinite(noise)}; {float(now['minutes']) / float(before['minutes']):.1f}x "
-                            "the minutes", width))
+                            f"{verdict * math.isfinite(noise)}; "
+                            f"{float(now['minutes']) / float(before['minutes']):.1f}x the minutes", width))
 
 
 # --- Signals and progress: Ctrl-C or SIGTERM finish the batch; a nan loss stops the run -------------------
@@ -1138,8 +1129,8 @@ def load_cifar10(data_dir):
     root, cifar = Path(data_dir), datasets.CIFAR10
     folder, archive = root / cifar.base_folder, root / cifar.filename
     delete = (f"\n  Delete {folder} and run again to download a fresh copy." if not folder.exists() or all(
-        os.access(path, os.W_OK) for path in (folder, root)) else f"\n  {folder} may not be changed (shared or read-only): set DATA_DIR "
-        "(--data-dir) to a folder of your own, and the next run downloads a fresh copy there.")
+        os.access(path, os.W_OK) for path in (folder, root)) else f"\n  {folder} may not be changed (shared or "
+        "read-only): set DATA_DIR (--data-dir) to a folder of your own, and the next run downloads a fresh copy there.")
     names = [name for name, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
     for path, kind in [(root, "folder"), (folder, "folder"), (archive, "file"), *((folder / n, "file") for n in names)]:
         if path.exists() and path.is_dir() != (kind == "folder"):   # e.g. cifar-10-batches-py as a file
@@ -1268,13 +1259,14 @@ class Hardware:
         self.generator_device = self.device if cuda else torch.device("cpu")
         torch.backends.cudnn.benchmark = cuda   # fixed input sizes: time the convolution algorithms once
         self.mean, self.std = imagenet_normalization(self.device)
-        gpu = f" ({torch.cuda.get_device_name(self.device)}, compute capability {capability(self.device)})" if cuda else ""
+        gpu = (f" ({torch.cuda.get_device_name(self.device)}, compute capability {capability(self.device)})"
+               if cuda else "")
         print(f"device: {self.device}{gpu}   image size: {self.image_size}px   precision: "
               f"{str(self.amp_dtype or torch.float32).replace('torch.', '')}{f' ({why})' * bool(why)}")
         if cfg.dry_run:
             print(f"dry run: synthetic data instead of CIFAR-10, random weights (WEIGHTS = {cfg.settings['WEIGHTS']}), "
                   f"{DRY_RUN_BATCHES} batches per phase, EPOCHS = {cfg.epochs} unless --epochs is given; every other "
-                  f"setting as given{cfg.dry_run_note and ', but the synthetic set has fewer images' + cfg.dry_run_note}")
+                  f"setting as given{cfg.dry_run_note}")
 
     def prepare(self, model):
         """The model on the device, in its memory layout; on a GPU its forward pass runs in mixed precision."""
@@ -1345,8 +1337,8 @@ def cli(argv=None):
 
 
 class Output:
-    """stdout that a full disk cannot stop: the first failed write is remembered, and later output dropped.
-    A closed pipe (`| head`) still raises BrokenPipeError, which stops the run, since its reader is gone."""
+    """stdout that a full disk cannot stop: the first failed write is kept, later output dropped. A closed pipe
+    (`| head`) still raises BrokenPipeError: its reader is gone, so the run stops."""
 
     def __init__(self, stream):
         self.stream, self.error = stream or open(os.devnull, "w"), None   # None: stdout was closed (`>&-`)

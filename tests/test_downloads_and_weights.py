@@ -218,3 +218,17 @@ def test_nan_in_the_cached_imagenet_weights_is_refused_at_load(tmp_path, monkeyp
 def test_a_copied_imagenet_file_given_by_path_is_used(torch_home):
     path = next((torch_home / "hub" / "checkpoints").iterdir())
     assert torch.equal(ft.build_model(str(path)).conv1.weight, torch.load(path, weights_only=True)["conv1.weight"])
+
+
+def test_a_damaged_cifar10_copy_in_a_folder_we_may_not_change_says_to_use_a_folder_of_ones_own(own_cifar, tmp_path,
+                                                                                              capsys, monkeypatch):
+    data, md5 = own_cifar
+    trust(monkeypatch, md5)
+    damaged = data / "cifar-10-batches-py" / "data_batch_2"
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    real_access = os.access   # tests run as root, for whom permissions never deny: ask as a normal user would
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(data)) and real_access(path, mode))
+    code, _, err = run(capsys, *tiny(data, tmp_path / "runs", "--weights", "none"))
+    assert_run_error(code, err, "data_batch_2 fails its md5 check", "may not be changed (shared or read-only)",
+                     "set DATA_DIR (--data-dir) to a folder of your own")
+    assert "Delete" not in err

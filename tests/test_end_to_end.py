@@ -2,7 +2,7 @@
 import json
 
 import fine_tuning as ft
-from conftest import load_state, run, tiny
+from conftest import ROOT, load_state, run, tiny
 
 
 def test_full_run_on_tiny_cifar10_through_the_real_loaders(real_files, tmp_path, capsys):
@@ -36,3 +36,27 @@ def test_dry_run_works_offline_and_keeps_every_setting(tmp_path, capsys, monkeyp
     assert run_dir.name.endswith("_dry-run")
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "history.csv", "results.json"]
     assert not (tmp_path / "summary.csv").exists()   # dry runs stay out of the comparison
+
+
+def test_a_dry_run_accepts_what_cifar10_allows_and_says_where_the_synthetic_set_has_less(tmp_path, capsys):
+    code, out, err = run(capsys, "--dry-run", "--epochs", "1", "--train-per-class", "500", "--output-dir", tmp_path)
+    assert code == 0, err
+    assert ("every other setting as given, but the synthetic set has fewer images: 180 training images per class, "
+            "not 500") in out
+    code, _, err = run(capsys, "--dry-run", "--train-per-class", "5000", "--output-dir", tmp_path)
+    assert code == 2 and "only 4500 training images per class remain" in err   # what CIFAR-10 itself cannot give
+
+
+def test_the_recipe_is_in_plain_sight_in_the_lesson():
+    # What the README lists as best practice is above the banner, where the learner reads; the checks are below.
+    source = (ROOT / "fine_tuning.py").read_text()
+    lesson = source[:source.index("# The lesson ends here")]
+    for visible in ["def imagenet_normalization(", "ResNet18_Weights.IMAGENET1K_V1.transforms()",
+                    "model.load_state_dict(backbone, strict=False)", "nn.Linear(model.fc.in_features, NUM_CLASSES)",
+                    "requires_grad_(False)", "def set_train_mode(", '"params"', "class EarlyStopping"]:
+        assert visible in lesson, visible
+    step = lesson[lesson.index("def train_one_epoch("):lesson.index("# === Evaluation")]
+    order = [step.index(call) for call in ["logits = model(x)", "F.cross_entropy(", "optimizer.zero_grad(",
+                                           "loss.backward()", "optimizer.step()", "hw.scaler.scale("]]
+    assert order == sorted(order)                     # the classic loop first; the GPU's scaler after it, apart
+    assert "autocast" not in step
