@@ -727,6 +727,8 @@ def claim_run_folder(cfg):
         except FileExistsError:
             if not cfg.run_name:
                 continue
+            if not run_dir.is_dir():   # a file, or a symbolic link to nowhere
+                raise SettingError(f"--run-name: {run_dir} exists and is not a folder; choose another name") from None
         except OSError as error:   # a name too long for the file system, a loop of symbolic links; a full disk
             raise (write_error(run_dir, error) if error.errno in DISK_FULL else SettingError(
                 f"OUTPUT_DIR (--output-dir) / --run-name: cannot make {run_dir}: {error.strerror}")) from None
@@ -810,12 +812,12 @@ def open_run(cfg, run_dir, hw, model, optimizer, stopper):
     """The new run's config.json and history.csv, or the resumed run's state restored from its last.pt."""
     run = SimpleNamespace(cfg=cfg, dir=run_dir, history=[], next_epoch=1, started=time.time())
     if not cfg.resume:
+        claimed.wrote = True   # config.json and history.csv: leave_run_folder() removes them if no epoch ends
         save(run.dir / "config.json", dict(
             run=run.dir.name, dry_run=cfg.dry_run, settings=cfg.settings, device=str(hw.device),
             precision=str(hw.amp_dtype or torch.float32), torch=torch.__version__, python=sys.version.split()[0],
             torchvision=torchvision.__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S")))
         save(run.dir / "history.csv", (HISTORY, []))
-        claimed.wrote = True   # these two files are this run's: leave_run_folder() removes them if no epoch ends
         print(f"run folder: {run.dir}")
         return run
     state = claimed.state

@@ -315,3 +315,20 @@ def test_cifar10_files_of_the_wrong_kind_are_named(make, message, tmp_path, caps
     make(data)
     code, _, err = run(capsys, *tiny(data, tmp_path / "runs", "--weights", "none"))
     assert code == 1 and message in err and "download" not in err, err
+
+
+def test_a_full_disk_when_the_first_files_are_written_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    save = ft.save
+    monkeypatch.setattr(ft, "save", lambda path, content: save(path, content) if path.name != "history.csv" else (
+        _ for _ in ()).throw(ft.write_error(path, OSError(errno.ENOSPC, "No space left on device"))))
+    code, _, err = run(capsys, *dry(tmp_path, "--run-name", "first"))
+    assert code == 1 and "could not write history.csv" in err and not list(tmp_path.iterdir())   # config.json too
+
+
+def test_a_run_name_that_is_a_file_or_a_link_to_nowhere_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "nowhere")
+    for name in ["notes.txt", "elsewhere"]:
+        code, _, err = run(capsys, *dry(tmp_path, "--run-name", name))
+        assert code == 2 and f"{tmp_path / name} exists and is not a folder" in err and "Traceback" not in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "nowhere").exists()
