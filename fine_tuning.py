@@ -300,8 +300,8 @@ def evaluate(model, loader, hw, cfg, desc):
         progress.add(F.cross_entropy(logits, y), logits, y)   # a nan or inf loss stops the run here too
         probability, predicted = logits.softmax(1).max(1)
         predictions.append(torch.stack([predicted.float(), probability], 1))
-        # index_add_ into a fixed-size tensor: unlike bincount, it never makes the CPU wait for the GPU.
-        confusion.index_add_(0, y * NUM_CLASSES + predicted, torch.ones_like(y))
+        # Counted with one_hot of a fixed size: unlike bincount, it never makes the CPU wait for the GPU.
+        confusion += F.one_hot(y * NUM_CLASSES + predicted, NUM_CLASSES ** 2).sum(0)
     result = progress.result()
     return result and (result[0], confusion.view(NUM_CLASSES, NUM_CLASSES).cpu(), torch.cat(predictions).cpu())
 
