@@ -605,14 +605,18 @@ def check_together(cfg):
     if cfg.weights == "none" and cfg.freeze_until != "none" and not cfg.resume:
         print(f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until}: the frozen blocks keep random weights, "
               "which is almost never meant. From scratch means every block trains: add --freeze-until none.")
-    # A dry run runs on what the synthetic set has, and its line says where that is less than asked for.
-    have = len(stratified_split(torch.arange(SYNTHETIC_SIZES[0]) % NUM_CLASSES, cfg.val_fraction, cfg.seed)[0])
-    fewer = [f"{have // NUM_CLASSES} training images per class, not {cfg.train_per_class}"] * (
+    # A dry run runs on what the synthetic set has (each class: 1 validation and 2 training images at least), and
+    # its line says where that is less than asked for.
+    per_class = SYNTHETIC_SIZES[0] // NUM_CLASSES
+    fraction = min(max(cfg.val_fraction, 1 / per_class), 1 - 2 / per_class)
+    have = len(stratified_split(torch.arange(SYNTHETIC_SIZES[0]) % NUM_CLASSES, fraction, cfg.seed)[0])
+    fewer = [f"VAL_FRACTION {fraction:g}, not {cfg.val_fraction:g}"] * (fraction != cfg.val_fraction) + [
+        f"{have // NUM_CLASSES} training images per class, not {cfg.train_per_class}"] * (
         cfg.train_per_class != "all" and cfg.train_per_class > have // NUM_CLASSES) + [
         f"batches of {have}, not {cfg.batch_size}"] * (cfg.batch_size > have)
     cfg.dry_run_note = f", but the synthetic set has fewer images: {'; '.join(fewer)}" if fewer else ""
     if cfg.dry_run:
-        cfg.batch_size = min(cfg.batch_size, have)
+        cfg.batch_size, cfg.val_fraction = min(cfg.batch_size, have), fraction
 
 
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------

@@ -43,6 +43,8 @@ def test_a_dry_run_accepts_what_cifar10_allows_and_says_where_the_synthetic_set_
     assert code == 0, err
     assert ("every other setting as given, but the synthetic set has fewer images: 180 training images per class, "
             "not 500") in out
+    code, out, err = run(capsys, "--dry-run", "--epochs", "1", "--val-fraction", "0.001", "--output-dir", tmp_path)
+    assert code == 0 and "fewer images: VAL_FRACTION 0.005, not 0.001" in out and "/ 10 validation /" in out, err
     code, _, err = run(capsys, "--dry-run", "--train-per-class", "5000", "--output-dir", tmp_path)
     assert code == 2 and "only 4500 training images per class remain" in err   # what CIFAR-10 itself cannot give
 
