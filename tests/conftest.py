@@ -20,12 +20,16 @@ LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path_factory):
+def offline(monkeypatch, tmp_path_factory, request):
     """No test downloads: in-process calls see no network and an empty torch hub cache. matplotlib is
-    hidden too (drawing costs seconds); the tests of curves.png bring it back with `with_matplotlib`."""
+    hidden too (drawing costs seconds); the tests of curves.png bring it back with `with_matplotlib`.
+    The suite states what the script does on the CPU, so a GPU is hidden too, except from tests/test_gpu.py."""
     import urllib.error
     import urllib.request
     import torch.hub
+    if request.node.path.name != "test_gpu.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("network disabled in tests")
@@ -100,7 +104,7 @@ def run(capsys, *args):
 
 
 def script_env(torch_home, md5=None):
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("FT_TEST_MD5", None)
     if md5:
         env["FT_TEST_MD5"] = str(md5)
