@@ -105,11 +105,25 @@ def test_workers_that_cannot_start_are_named(tmp_path, capsys, monkeypatch):
 
 
 # --- Settings edited in a stopped run's config.json -------------------------------------------------------
-def stopped_run(tmp_path, capsys, monkeypatch, *extra):
-    with monkeypatch.context() as patch:
+@pytest.fixture(scope="module")
+def one_stopped_run(tmp_path_factory):
+    """A dry run stopped by Ctrl-C after epoch 2 of 3, made once for this file's tests."""
+    out = tmp_path_factory.mktemp("stopped")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
         stop_after_epoch(patch, 2)
-        assert run(capsys, *dry(tmp_path, "--run-name", "r", *extra))[0] == 130
-    return tmp_path / "r", json.loads((tmp_path / "r" / "config.json").read_text())
+        assert ft.cli([str(a) for a in dry(out, "--run-name", "r")]) == 130
+    return out / "r"
+
+
+@pytest.fixture
+def stopped(one_stopped_run, tmp_path):
+    """This test's own copy of the stopped run, and its config.json."""
+    shutil.copytree(one_stopped_run, tmp_path / "r")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["settings"]["OUTPUT_DIR"] = str(tmp_path)
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "r", config
 
 
 @pytest.mark.parametrize("change,message", [
@@ -120,16 +134,16 @@ def stopped_run(tmp_path, capsys, monkeypatch, *extra):
     ({"dry_run": "false"}, "dry_run in its config.json is 'false', not true or false"),   # a string
     ({"dry_run": False}, "dry_run is False in its config.json, but the run was trained with True"),
 ])
-def test_a_setting_edited_after_the_stop_is_refused_naming_it(change, message, tmp_path, capsys, monkeypatch):
-    run_dir, config = stopped_run(tmp_path, capsys, monkeypatch)
+def test_a_setting_edited_after_the_stop_is_refused_naming_it(change, message, stopped, capsys):
+    run_dir, config = stopped
     (config if "dry_run" in change else config["settings"]).update(change)
     (run_dir / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "--resume", run_dir)
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
-def test_epochs_may_be_raised_to_train_longer(tmp_path, capsys, monkeypatch):
-    run_dir, config = stopped_run(tmp_path, capsys, monkeypatch)
+def test_epochs_may_be_raised_to_train_longer(stopped, capsys):
+    run_dir, config = stopped
     config["settings"]["EPOCHS"] = 4
     (run_dir / "config.json").write_text(json.dumps(config))
     code, out, err = run(capsys, "--resume", run_dir)
@@ -206,8 +220,8 @@ def test_a_full_disk_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, 
     assert code == 1 and "the disk is full" in err and not list(tmp_path.iterdir())
 
 
-def test_stale_temporary_files_are_removed_on_resume_and_never_listed(tmp_path, capsys, monkeypatch):
-    run_dir, _ = stopped_run(tmp_path, capsys, monkeypatch)
+def test_stale_temporary_files_are_removed_on_resume_and_never_listed(stopped, capsys):
+    run_dir, _ = stopped
     (run_dir / ".last.pt.4242.tmp").write_bytes(b"half a checkpoint")     # left by a kill -9 during a save
     code, out, err = run(capsys, "--resume", run_dir)
     assert code == 0 and ".tmp" not in out and not list(run_dir.glob(".*")), err
@@ -296,8 +310,8 @@ def test_odd_weights_files_get_one_line(content, message, tmp_path, capsys):
     (lambda state: {**state, "history": [{"epoch": 1}]}, "is not one this script wrote"),
     (lambda state: {k: v for k, v in state.items() if k != "optimizer"}, "is not one this script wrote"),
 ])
-def test_a_tampered_last_pt_gets_one_line(tamper, message, tmp_path, capsys, monkeypatch):
-    run_dir, _ = stopped_run(tmp_path, capsys, monkeypatch)
+def test_a_tampered_last_pt_gets_one_line(tamper, message, stopped, capsys):
+    run_dir, _ = stopped
     torch.save(tamper(load_state(run_dir / "last.pt")), run_dir / "last.pt")
     code, _, err = run(capsys, "--resume", run_dir)
     assert code == 1 and message in err and "Traceback" not in err, err
