@@ -622,27 +622,30 @@ def check_together(cfg):
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
 def save(path, content):
     """Write into a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows). The content
-    is serialised in memory first, so a failed write is a plain OSError with its errno, never torch's text."""
-    path, data = Path(path), io.BytesIO()
-    if path.suffix in (".pt", ".png"):
-        torch.save(content, data) if path.suffix == ".pt" else content.savefig(data, format="png", dpi=100)
-    elif path.suffix == ".json":
-        data.write(json.dumps(content, indent=2).encode())
-    else:
-        writer = csv.DictWriter(text := io.StringIO(), content[0], extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(content[1])
-        data.write(text.getvalue().encode())
+    the new one, never half of one. .pt: torch.save; .png: a figure; .json; .csv: (columns, rows)."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # one per process: concurrent runs never clash
     try:
         with open(temporary, "wb") as file:
-            file.write(data.getbuffer())
+            if path.suffix in (".pt", ".png"):
+                torch.save(content, file) if path.suffix == ".pt" else content.savefig(file, format="png", dpi=100)
+            elif path.suffix == ".json":
+                file.write(json.dumps(content, indent=2).encode())
+            else:
+                writer = csv.DictWriter(text := io.StringIO(), content[0], extrasaction="ignore", lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(content[1])
+                file.write(text.getvalue().encode())
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:   # a KeyboardInterrupt passes through: the old file stays, the temporary goes
-        raise write_error(path, error) from None
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else error.__context__   # torch.save wraps the write's error
+        if isinstance(cause, KeyboardInterrupt):   # a second Ctrl-C during the write: stop now, old file intact
+            raise cause from None
+        if not isinstance(cause, OSError):
+            raise   # any other RuntimeError is a bug: keep its traceback
+        raise write_error(path, cause) from None   # named by its errno, never by torch's text
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -248,7 +248,7 @@ def test_ctrl_c_after_training_says_what_is_kept_and_how_to_resume(where, tmp_pa
     def ctrl_c(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(ft, where, ctrl_c)
-    code, out, err = run(capsys, *dry(tmp_path, "--run-name", "late"))
+    code, out, err = run(capsys, *dry(tmp_path, "--run-name", "late", "--epochs", "1"))
     assert code == 130 and "Traceback" not in err
     assert f"resume with: python fine_tuning.py --resume {tmp_path / 'late'}" in out
 
