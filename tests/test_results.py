@@ -134,8 +134,8 @@ def test_the_runs_table_tells_apart_runs_that_differ_in_any_setting():
     for i, change in enumerate(changes):
         at = next(n for n, line in enumerate(lines) if line.startswith(rows[i]["run"] + " ") or line == rows[i]["run"])
         shown = lines[at] if lines[at] != rows[i]["run"] else lines[at + 1]   # a long name: its own line, whole
-        assert shown.split("  ")[-1].split() == [f"{k}={v}" for k, v in change.items()] or (not change and shown.endswith(
-            "3.0")), (change, shown)
+        settings = [f"{k}={v}" for k, v in change.items()]
+        assert shown.split("  ")[-1].split() == settings or (not change and shown.endswith("3.0")), (change, shown)
 
 
 def test_curves_and_mistakes_png_are_drawn_from_the_one_test_pass_when_matplotlib_is_present(

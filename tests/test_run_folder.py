@@ -255,9 +255,11 @@ def test_ctrl_c_after_training_says_what_is_kept_and_how_to_resume(where, tmp_pa
 
 def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback():
     code = ("import sys, runpy, builtins; real = builtins.__import__\n"
-            "def ctrl_c(name, *a, **k):\n    if name == 'torch': raise KeyboardInterrupt\n    return real(name, *a, **k)\n"
-            f"builtins.__import__ = ctrl_c; sys.argv = ['fine_tuning.py']; runpy.run_path({str(ROOT / 'fine_tuning.py')!r},"
-            " run_name='__main__')")
+            "def ctrl_c(name, *a, **k):\n"
+            "    if name == 'torch': raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = ctrl_c; sys.argv = ['fine_tuning.py']\n"
+            f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 130 and "Traceback" not in result.stderr and "interrupted" in result.stderr
 
