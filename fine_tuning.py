@@ -605,8 +605,13 @@ def check_together(cfg):
     if cfg.weights == "none" and cfg.freeze_until != "none" and not cfg.resume:
         print(f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until}: the frozen blocks keep random weights, "
               "which is almost never meant. From scratch means every block trains: add --freeze-until none.")
-    # A dry run runs on what the synthetic set has (each class: 1 validation and 2 training images at least), and
-    # its line says where that is less than asked for.
+    if cfg.dry_run:   # it runs on what the synthetic set has, and says so
+        fit_synthetic_set(cfg)
+
+
+def fit_synthetic_set(cfg):
+    """Fit a dry run's settings to the synthetic set (each class: 1 validation and 2 training images at least)
+    and note in its line where that is less than was asked for."""
     per_class = SYNTHETIC_SIZES[0] // NUM_CLASSES
     fraction = min(max(cfg.val_fraction, 1 / per_class), 1 - 2 / per_class)
     have = len(stratified_split(torch.arange(SYNTHETIC_SIZES[0]) % NUM_CLASSES, fraction, cfg.seed)[0])
@@ -615,8 +620,7 @@ def check_together(cfg):
         cfg.train_per_class != "all" and cfg.train_per_class > have // NUM_CLASSES) + [
         f"batches of {have}, not {cfg.batch_size}"] * (cfg.batch_size > have)
     cfg.dry_run_note = f", but the synthetic set has fewer images: {'; '.join(fewer)}" if fewer else ""
-    if cfg.dry_run:
-        cfg.batch_size, cfg.val_fraction = min(cfg.batch_size, have), fraction
+    cfg.batch_size, cfg.val_fraction = min(cfg.batch_size, have), fraction
 
 
 # --- Files: every write is atomic, so a crash or a full disk never leaves a broken file --------------------
@@ -827,7 +831,7 @@ def open_run(cfg, run_dir, hw, model, optimizer, stopper):
         save(run.dir / "history.csv", (HISTORY, []))
         print(f"run folder: {run.dir}")
         return run
-    state = claimed.state
+    state, claimed.state = claimed.state, None   # copied into the model and optimizer below: not kept for the run
     try:
         for epoch, block in sorted(cfg.unfreeze_schedule.items()):
             if epoch <= state["epoch"]:
@@ -1140,13 +1144,14 @@ def load_cifar10(data_dir):
     delete = (f"\n  Delete {folder} and run again to download a fresh copy." if not folder.exists() or all(
         os.access(path, os.W_OK) for path in (folder, root)) else f"\n  {folder} may not be changed (shared or "
         "read-only): set DATA_DIR (--data-dir) to a folder of your own, and the next run downloads a fresh copy there.")
-    names = [name for name, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
-    for path, kind in [(root, "folder"), (folder, "folder"), (archive, "file"), *((folder / n, "file") for n in names)]:
+    files = cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]   # name, md5
+    kinds = [(root, "folder"), (folder, "folder"), (archive, "file"), *((folder / name, "file") for name, _ in files)]
+    for path, kind in kinds:
         if path.exists() and path.is_dir() != (kind == "folder"):   # e.g. cifar-10-batches-py as a file
             raise RunError(f"{path} is a {'file' if kind == 'folder' else 'folder'}, where CIFAR-10 needs a {kind}: "
                            "move it away, or set DATA_DIR (--data-dir) to another folder")
     try:
-        for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
+        for name, md5 in files:
             if folder.exists() and not check_integrity(str(folder / name), md5):
                 open(folder / name, "rb").close()   # a missing or unreadable file is named as such below
                 raise RunError(f"the CIFAR-10 files in {folder} are corrupted ({name} fails its md5 check).{delete}")
