@@ -551,10 +551,11 @@ def weights_file_problem(path):
         return "no such file"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return "it holds Python objects, which weights_only=True refuses: they could run code"
-    except (RuntimeError, KeyError, EOFError, ValueError):
-        return "not a file saved by torch.save, or a damaged one"
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError):
+        return (
+            "torch.load(weights_only=True) refused it: it is damaged, not saved by torch.save,"
+            " or it holds Python objects, which could run code"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return "not a state dict: save one with torch.save(model.state_dict(), path)"
     expected = models.resnet18().state_dict()
@@ -684,11 +685,11 @@ def parse_settings(argv=None):
         cfg.image_size = 224 if torch.cuda.is_available() else 32
     if cfg.num_workers == "auto":
         cfg.num_workers = 2 if torch.cuda.is_available() else 0
+    if cfg.dry_run and "--epochs" not in given:
+        cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
+    check_together(cfg)
     if cfg.dry_run:
         cfg.weights = "none"  # random weights: a dry run downloads nothing
-        if "--epochs" not in given:
-            cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
-    check_together(cfg)
     return cfg
 
 
@@ -726,7 +727,7 @@ def check_together(cfg):
             f"BATCH_SIZE (--batch-size) = {cfg.batch_size} is not allowed: the training split"
             f" has only {NUM_CLASSES * per_class:,} images"
         )
-    if cfg.weights == "none" and cfg.freeze_until != "none" and not cfg.dry_run:
+    if cfg.weights == "none" and cfg.freeze_until != "none":
         print(
             f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until} keeps random blocks"
             " frozen,"
@@ -853,7 +854,7 @@ def download_errors(what, hint, setting, target):
         ) from None
     except RuntimeError as error:  # torchvision's md5 check, or torch.hub's hash check, failed
         raise RunError(
-            f"{what} failed their integrity check ({error}): delete {target} and run again"
+            f"the download of {what} failed its check ({error}): delete {target}, run again"
         ) from None
 
 

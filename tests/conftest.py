@@ -1,13 +1,18 @@
-"""Shared fixtures: no network, a tiny CIFAR-10 in the official layout, random weights in the hub cache,
-and helpers that run fine_tuning.py in this process (fast) or as a user does (a real process)."""
+"""Shared fixtures: no network, a tiny CIFAR-10 in the official layout, random weights in the hub
+cache, and helpers that run fine_tuning.py in this process (fast) or as a user does (a process)."""
+
 import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+import torch.hub
 from torchvision import datasets, models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,33 +24,31 @@ from fake_cifar10 import trusted_md5, write_cifar10  # noqa: E402
 LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
 
 
+def no_network(*args, **kwargs):
+    raise urllib.error.URLError("network disabled in tests")
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory, request):
-    """No test downloads: in-process calls see no network and an empty torch hub cache. matplotlib is
-    hidden too (drawing costs seconds); the tests of curves.png bring it back with `with_matplotlib`.
-    The suite states what the script does on the CPU, so a GPU is hidden too, except from tests/test_gpu.py."""
-    import urllib.error
-    import urllib.request
-    import torch.hub
+    """No test downloads: the network is cut and the torch hub cache is empty. matplotlib is hidden
+    (drawing costs seconds; `with_matplotlib` brings it back), and so is any GPU: the suite states
+    what the script does on the CPU (tests/test_gpu.py aside)."""
     if request.node.path.name != "test_gpu.py":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("network disabled in tests")
-
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))
     for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib"] or ["matplotlib"]:
-        monkeypatch.setitem(sys.modules, name, None)   # `import matplotlib` now raises ImportError
-    monkeypatch.setattr(os, "fsync", lambda handle: None)   # durability is not under test; the disk's speed is
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setattr(os, "fsync", lambda handle: None)  # durability is not under test here
 
 
 @pytest.fixture
 def with_matplotlib(monkeypatch):
-    for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib" and sys.modules[m] is None]:
-        monkeypatch.delitem(sys.modules, name)   # hidden by `offline`
+    for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib"]:
+        if sys.modules[name] is None:
+            monkeypatch.delitem(sys.modules, name)  # hidden by `offline`
     pytest.importorskip("matplotlib", reason="matplotlib is optional")
 
 
@@ -56,30 +59,30 @@ def torch_home(tmp_path_factory):
     target = home / "hub" / "checkpoints" / Path(models.ResNet18_Weights.IMAGENET1K_V1.url).name
     target.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(models.resnet18(weights=None).state_dict(), target)
+    torch.save(models.resnet18().state_dict(), target)
     return home
 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory):
-    """A tiny CIFAR-10 (100 training, 30 test images) shared by the tests that do not modify it."""
+    """A tiny CIFAR-10 (100 training, 30 test images) for the tests that do not change it."""
     root = tmp_path_factory.mktemp("cifar")
     (root / "md5.json").write_text(json.dumps(write_cifar10(root)))
     return root
 
 
 @pytest.fixture
-def own_cifar(tmp_path):
-    """A tiny CIFAR-10 that the test may damage: (data folder, md5.json)."""
-    root = tmp_path / "data"
-    (tmp_path / "md5.json").write_text(json.dumps(write_cifar10(root)))
-    return root, tmp_path / "md5.json"
+def own_data(cifar_root, tmp_path):
+    """A copy of the tiny CIFAR-10 that the test may change (real_files trusts its md5 sums)."""
+    data = tmp_path / "own_data"
+    shutil.copytree(cifar_root / "cifar-10-batches-py", data / "cifar-10-batches-py")
+    return data
 
 
 @pytest.fixture
 def real_files(monkeypatch, torch_home, cifar_root):
-    """In-process runs on the tiny CIFAR-10 through torchvision's real loaders, with the test files' md5
-    sums trusted (verification still runs) and the random 'ImageNet' weights in the hub cache."""
+    """In-process runs on the tiny CIFAR-10 through torchvision's real loaders, with the test
+    files' md5 sums trusted (the check still runs) and random 'ImageNet' weights in the cache."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     trust(monkeypatch, cifar_root / "md5.json")
     return cifar_root
@@ -92,19 +95,23 @@ def trust(monkeypatch, md5_file):
 
 def tiny(data, out, *extra):
     """Fast settings for the tiny data set: 32 px, batches of 8, 2 epochs."""
-    return ["--data-dir", str(data), "--output-dir", str(out), "--batch-size", "8", "--image-size", "32",
-            "--epochs", "2", *map(str, extra)]
+    settings = ["--data-dir", data, "--output-dir", out, "--batch-size", "8", "--epochs", "2"]
+    return [str(arg) for arg in settings + list(extra)]
 
 
 def run(capsys, *args):
     """fine_tuning.py's command line, in this process: (exit code, stdout, stderr)."""
-    code = ft.cli([str(a) for a in args])
+    try:
+        code = ft.cli([str(arg) for arg in args])
+    except SystemExit as exit:  # argparse: --help, or a bad flag
+        code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def script_env(torch_home, md5=None):
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("FT_TEST_MD5", None)
     if md5:
         env["FT_TEST_MD5"] = str(md5)
@@ -112,9 +119,22 @@ def script_env(torch_home, md5=None):
 
 
 def start_script(args, torch_home, md5=None, **popen):
-    """Start fine_tuning.py as a user does, through tests/launcher.py (network cut, test md5 sums trusted)."""
-    return subprocess.Popen(LAUNCHER + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=script_env(torch_home, md5), **popen)
+    """Start fine_tuning.py as a user does, through tests/launcher.py (network cut)."""
+    command = LAUNCHER + [str(arg) for arg in args]
+    env = script_env(torch_home, md5)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+    )
+
+
+def first_epoch_row(process):
+    """Read a started script's output up to its first epoch's row; return what was read."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.strip().startswith("1 ") and "%" in line:
+            return "".join(lines)
+    raise AssertionError("no epoch row: " + "".join(lines) + process.stderr.read())
 
 
 def load_state(path):

@@ -1,0 +1,64 @@
+"""Offline, a failed or damaged download, or a damaged CIFAR-10 file: one line saying what to do,
+exit 1. A complete copy in a read-only folder is used as it is."""
+
+import io
+import os
+import urllib.request
+
+import torch.hub
+
+from conftest import run, tiny, trust
+
+
+def test_offline_the_cifar10_download_says_what_failed_and_where_to_put_a_copy(tmp_path, capsys):
+    code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
+    assert code == 1
+    assert err.startswith("error: could not download CIFAR-10 (network disabled in tests).")
+    assert f"put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) in {tmp_path / 'data'}" in err
+    assert "`python fine_tuning.py --dry-run` works offline." in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_offline_the_weights_download_says_where_to_put_the_file(cifar_root, monkeypatch, tmp_path, capsys):
+    trust(monkeypatch, cifar_root / "md5.json")  # the data is there; the weights are not
+    code, out, err = run(capsys, *tiny(cifar_root, tmp_path))
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: could not download the ImageNet weights (")
+    checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    assert f"put resnet18-f37072fd.pth (https://download.pytorch.org/models/resnet18-f37072fd.pth) in {checkpoints}" in err
+    assert "or pass its path: --weights PATH" in err
+
+
+def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_path, capsys):
+    data = own_data
+    (data / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    code, out, err = run(capsys, *tiny(data, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: could not download CIFAR-10")  # the damaged copy needs a fresh one
+
+
+def test_a_download_that_fails_its_md5_check_gets_one_line(tmp_path, capsys, monkeypatch):
+    class Response(io.BytesIO):  # a download that arrives, but damaged
+        url = None  # no redirect
+        length = 1000
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Response(b"x" * 1000))
+    code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
+    errors = [line for line in err.splitlines() if "error" in line]  # after torchvision's bar
+    assert code == 1 and len(errors) == 1
+    assert errors[0].startswith("error: the download of CIFAR-10 failed its check (")
+    assert errors[0].endswith(f"delete {tmp_path / 'data' / 'cifar-10-python.tar.gz'}, run again")
+
+
+def test_a_complete_copy_in_a_read_only_folder_is_used_as_it_is(own_data, real_files, tmp_path, capsys):
+    data = own_data
+    before = {path: path.stat().st_mtime_ns for path in data.rglob("*")}
+    for path in [data, *data.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        code, out, err = run(capsys, *tiny(data, tmp_path / "runs", "--epochs", "1"))
+    finally:
+        for path in [data, *data.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert code == 0, err
+    assert {path: path.stat().st_mtime_ns for path in data.rglob("*")} == before  # nothing written

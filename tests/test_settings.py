@@ -1,0 +1,159 @@
+"""Every setting, typed as a flag or edited into the constants, is checked before any download and
+refused in one line that names the setting, its flag, the value and what is allowed (exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision import models
+
+import fine_tuning as ft
+from conftest import ROOT, run
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in ft.SETTINGS:
+        assert f"{ft.flag(name)} {name}" in out
+    assert "default: layer2" in out and "default: 0.0001" in out and "--resume RUN_DIR" in out
+
+
+def test_flags_override_the_constants_and_reach_config_json(tmp_path, capsys):
+    args = ["--dry-run", "--epochs", "1", "--seed", "3", "--frozen-bn", "train"]
+    args += ["--unfreeze-schedule", "1:layer2", "--output-dir", tmp_path, "--run-name", "flags"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    settings = json.loads((tmp_path / "flags" / "config.json").read_text())["settings"]
+    assert settings["SEED"] == 3 and settings["FROZEN_BN"] == "train" and settings["EPOCHS"] == 1
+    assert settings["UNFREEZE_SCHEDULE"] == {"1": "layer2"} and settings["OUTPUT_DIR"] == str(tmp_path)
+
+
+BAD_FLAGS = [
+    (["--freeze-until", "layer5"], "FREEZE_UNTIL (--freeze-until): 'layer5' is not allowed: expected one of none, stem, layer1"),
+    (["--epochs", "0"], "EPOCHS (--epochs): '0' is not allowed: expected a whole number >= 1"),
+    (["--head-lr", "1e3"], "HEAD_LR (--head-lr): '1e3' is not allowed: expected a learning rate in (0, 1]"),
+    (["--head-lr=-1e-3"], "HEAD_LR (--head-lr): '-1e-3' is not allowed"),
+    (["--val-fraction", "1.5"], "VAL_FRACTION (--val-fraction): '1.5' is not allowed"),
+    (["--batch-size", "1"], "BATCH_SIZE (--batch-size): '1' is not allowed: expected a whole number >= 2"),
+    (["--image-size", "big"], "IMAGE_SIZE (--image-size): 'big' is not allowed: expected auto or a whole"),
+    (["--unfreeze-schedule", "5:layer9"], "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9' is not allowed"),
+    (["--weights", "imagenet"], "WEIGHTS (--weights): 'imagenet' is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 weights file (no such file)"),
+    (["--monitor", "loss"], "MONITOR (--monitor): 'loss' is not allowed: expected one of val_loss, val_acc"),
+    (["--run-name", "a/b"], "argument --run-name: 'a/b' is not allowed"),
+    (["--unfreeze-schedule", "2:layer3"], "UNFREEZE_SCHEDULE (--unfreeze-schedule): 2:layer3 is not allowed: layer3 is trainable by then"),
+    (["--unfreeze-schedule", "20:layer1"], "2:layer1"[:0] + "20:layer1 is not allowed: epoch 20 is outside 1..15 (EPOCHS)"),
+    (["--val-fraction", "0.0001"], "VAL_FRACTION (--val-fraction) = 0.0001 leaves 0 validation images"),
+    (["--train-per-class", "4600"], "TRAIN_PER_CLASS (--train-per-class) = 4600 is not allowed: only 4,500 training images"),
+    (["--train-per-class", "2", "--batch-size", "32"], "BATCH_SIZE (--batch-size) = 32 is not allowed: the training split has only 20 images"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(args, message, tmp_path, capsys):
+    code, out, err = run(capsys, *args, "--data-dir", tmp_path / "data", "--output-dir", tmp_path)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not list(tmp_path.iterdir())  # nothing downloaded, no run folder
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [("EPOCHS", "fifteen", "EPOCHS (--epochs): 'fifteen' is not allowed"),
+     ("EPOCHS", 15.5, "EPOCHS (--epochs): '15.5' is not allowed: expected a whole number >= 1"),
+     ("BACKBONE_LR", [1e-4], "BACKBONE_LR (--backbone-lr): '[0.0001]' is not allowed"),
+     ("UNFREEZE_SCHEDULE", {5: "layer2", 3: "layer9"}, "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer2,3:layer9'"),
+     ("FREEZE_UNTIL", 2, "FREEZE_UNTIL (--freeze-until): '2' is not allowed")],
+)  # fmt: skip
+def test_an_edited_constant_is_checked_like_a_flag(name, value, message, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ft, name, value)
+    code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
+    assert code == 2 and message in err
+
+
+def test_an_edited_schedule_is_read_like_the_flag(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ft, "UNFREEZE_SCHEDULE", {2: "layer2"})
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
+    assert code == 0 and "\nunfreezing layer2\n" in out, err
+
+
+def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):
+    monkeypatch.delattr(ft, "PATIENCE")
+    code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
+    assert code == 2
+    assert err == "fine_tuning.py: error: PATIENCE is missing from the settings at the top of fine_tuning.py\n"
+
+
+def test_a_data_dir_that_names_the_cifar10_folder_itself_is_refused(tmp_path, capsys):
+    code, _, err = run(capsys, "--data-dir", tmp_path / "cifar-10-batches-py", "--output-dir", tmp_path)
+    assert code == 2 and "not that folder itself" in err
+
+
+class Payload:
+    def __reduce__(self):  # what a malicious file would do when unpickled
+        return (print, ("THE CODE RAN",))
+
+
+def weights_files(folder):
+    good = models.resnet18().state_dict()
+    files = {
+        "code": {"model": Payload()},
+        "not a dict": [1, 2, 3],
+        "wrong shapes": {**good, "conv1.weight": torch.zeros(64, 3, 3, 3)},
+        "not resnet18": models.resnet34().state_dict(),
+        "nan": {**good, "layer1.0.bn1.running_var": torch.full((64,), float("nan"))},
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / f"{name.replace(' ', '_')}.pt"
+        torch.save(content, paths[name])
+    paths["garbage"] = folder / "garbage.pt"
+    paths["garbage"].write_bytes(b"not a checkpoint" * 100)
+    return paths
+
+
+def test_a_weights_file_that_is_not_resnet18_weights_gets_one_line(tmp_path, capsys):
+    expected = {
+        "code": "refused it: it is damaged, not saved by torch.save, or it holds Python objects",
+        "not a dict": "not a state dict: save one with torch.save(model.state_dict(), path)",
+        "wrong shapes": "conv1.weight has shape [64, 3, 3, 3], ResNet18's is [64, 3, 7, 7]",
+        "not resnet18": "not ResNet18's parameters: missing [], unexpected ['layer1.2.conv1.weight'",
+        "nan": "layer1.0.bn1.running_var holds nan or inf values",
+        "garbage": "refused it: it is damaged, not saved by torch.save, or it holds Python objects",
+    }
+    for name, path in weights_files(tmp_path).items():
+        code, out, err = run(capsys, "--weights", path, "--output-dir", tmp_path / "runs")
+        assert code == 2, (name, err)
+        assert f"WEIGHTS (--weights): '{path}' is not allowed" in err and expected[name] in err, err
+        assert "THE CODE RAN" not in out + err
+
+
+def test_a_copied_imagenet_file_given_by_path_is_used(real_files, torch_home, tmp_path, capsys):
+    copy = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    args = ["--weights", copy, "--data-dir", real_files, "--output-dir", tmp_path, "--epochs", "1"]
+    code, out, err = run(capsys, *args, "--batch-size", "8")
+    assert code == 0, err
+    assert f"model: ResNet18, weights: {copy}, new 10-class head" in out
+
+
+def script_with(env_code, tmp_path):
+    """Run fine_tuning.py --help in a fresh interpreter after `env_code` prepared its imports."""
+    code = env_code + "\nimport runpy, sys\nsys.argv = ['fine_tuning.py', '--help']\n"
+    code += f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_line(tmp_path):
+    missing = script_with("import sys; sys.modules['tqdm'] = None", tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr == "error: tqdm is not installed. Run: pip install -r requirements.txt\n"
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')")
+    mismatch = script_with(f"import sys; sys.path.insert(0, {str(fake.parent)!r})", tmp_path)
+    assert mismatch.returncode == 1 and len(mismatch.stderr.splitlines()) == 1
+    assert mismatch.stderr.startswith("error: torchvision ") and " does not match torch " in mismatch.stderr
+    assert "pip install --upgrade torch torchvision" in mismatch.stderr
