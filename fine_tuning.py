@@ -52,6 +52,7 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -69,9 +70,8 @@ try:
     from tqdm import tqdm
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed. Run: pip install -r requirements.txt")
-except (
-    RuntimeError
-) as mismatch:  # "operator torchvision::nms does not exist": built for another torch
+except RuntimeError as mismatch:
+    # "operator torchvision::nms does not exist": this torchvision was built for another torch
     versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision")}
     sys.exit(
         f"error: torchvision {versions['torchvision']} does not match torch {versions['torch']}"
@@ -214,6 +214,7 @@ def build_model(weights="IMAGENET1K_V1"):
 # === 3. Freezing: which blocks learn ==============================================================
 ## Early blocks detect generic things (edges, colours, textures) that help on any image, so we
 ## freeze them; later blocks combine them into ImageNet's object parts, so we fine-tune them.
+## The default freezes stem, layer1 and layer2, and fine-tunes layer3 and layer4 with the head.
 ## "Frozen" has two switches. requires_grad=False: no gradient, so the weights never change. And
 ## the mode of the block's BatchNorm: in train mode it normalises with each batch's statistics
 ## and updates its running averages (99% of ImageNet's are gone within 44 batches, 0.9^44 < 0.01);
@@ -273,8 +274,11 @@ def param_groups(model, lrs):
     return groups
 
 
-## Gradual unfreezing: train the late blocks first, release earlier ones once the new head has
-## settled, so that its first large, noisy gradients never reach the most generic features.
+## Head first, or not. The default trains layer3, layer4 and the new head together from the first
+## step: the random head's first, large gradients reach layer3 and layer4, and their small rate
+## keeps them from moving far. Keras's guide and fastai's fine_tune() train the head alone first,
+## then unfreeze: FREEZE_UNTIL = "layer4" with UNFREEZE_SCHEDULE = {2: "layer3"}. That is gradual
+## unfreezing: blocks join later, once the head has settled, and never see its first gradients.
 def unfreeze(model, optimizer, block_name, lrs):
     """Make `block_name` and every frozen block after it trainable, each in Adam at its own rate."""
     released = []
@@ -492,13 +496,13 @@ def checked(convert, allowed, expected):
     return parse
 
 
-def number_or(word, kind=int):
-    """A converter: `word` itself, or a number of `kind`."""
+def number_or(word):
+    """A converter: `word` itself, or a whole number."""
 
     def convert(text):
         if text.lower() == word:
             return word
-        return kind(text)
+        return int(text)
 
     return convert
 
@@ -533,8 +537,10 @@ def schedule_text(plan):
 
 def weights_setting(text):
     """IMAGENET1K_V1, none, or the absolute path of a file checked to hold ResNet18 weights."""
-    if text.upper() == "IMAGENET1K_V1" or text.lower() == "none":
-        return text.upper() if text.upper() == "IMAGENET1K_V1" else "none"
+    if text.lower() == "none":
+        return "none"
+    if text.upper() == "IMAGENET1K_V1":
+        return "IMAGENET1K_V1"
     path = Path(text).expanduser().absolute()
     problem = weights_file_problem(path)
     if problem:
@@ -639,21 +645,19 @@ def settings_parser():
     }
     for name in SETTINGS:
         default = constant_text(name)
-        help = f"default: {default}"
         parser.add_argument(
             flag(name),
             dest=name.lower(),
             metavar=name,
             type=types[name],
             default=default,
-            help=help,
+            help=f"default: {default}",
         )
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help=f"check your setup offline in seconds: synthetic images, random weights, "
-        f"{DRY_RUN_BATCHES} "
-        f"batches per phase, {DRY_RUN_EPOCHS} epochs unless --epochs is given",
+        help=f"check your setup offline in seconds: synthetic images, random weights,"
+        f" {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless --epochs is given",
     )
     parser.add_argument(
         "--run-name",
@@ -1252,10 +1256,10 @@ def print_runs(rows, shown=8):
     usual = {
         name: Counter(row.get(name, "") for row in last).most_common(1)[0][0] for name in names
     }
-    print(f"\nruns so far (the last {len(last)} of {len(rows)} in summary.csv)")
+    shown_of = f"the last {len(last)} of {len(rows)} in summary.csv"
+    print(f"\nruns so far ({shown_of}; val acc: the validation accuracy of the best epoch)")
     print(
-        f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}"
-        "  run: settings where it differs from most"
+        f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs from most"
     )
     for row in last:
         differs = [
@@ -1282,19 +1286,18 @@ def print_comparison(before, now, names):
     sampling error of the validation set named as such."""
     changed = [f"{n} {before.get(n, '?')} -> {now[n]}" for n in names if before.get(n) != now[n]]
     gap = 100 * (float(now["best_val_acc"]) - float(before["best_val_acc"]))
-    images = int(now["val_images"])
-    accuracy_now = float(now["best_val_acc"])
-    ## Two standard errors of an accuracy p measured on n images: 2 * sqrt(p * (1 - p) / n).
-    error = 200 * math.sqrt(accuracy_now * (1 - accuracy_now) / images)
     minutes = float(now["minutes"]) / max(float(before["minutes"]), 1e-9)
-    print(
-        f"\nvs {before['run']} ({', '.join(changed) or 'the same settings'}): validation"
-        " accuracy of"
-        f" the best epoch {gap:+.1f} points, {minutes:.1f}x the minutes. Each figure has a sampling"
-        f" error of about ±{error:.1f} points (two standard errors on {images:,} validation"
-        " images);"
-        " the spread between runs shows with another --seed."
+    images = int(now["val_images"])
+    p = float(now["best_val_acc"])
+    error = 200 * math.sqrt(p * (1 - p) / images)  # two standard errors of an accuracy on n images
+    text = (
+        f"vs {before['run']} ({', '.join(changed) or 'the same settings'}): validation accuracy of"
+        f" the best epoch {gap:+.1f} points, {minutes:.1f}x the minutes. Each figure is"
+        f" ±{error:.1f}"
+        f" points: the sampling error of the {images:,} validation images (two standard errors)."
+        " Runs with another --seed show how much runs differ."
     )
+    print("\n" + textwrap.fill(text, 100))
 
 
 def save_pictures(run, best_epoch, classes, test_set, predictions):

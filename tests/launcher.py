@@ -8,6 +8,7 @@
    runs: a file changed after it was written fails it, as a damaged download would.
 3. If FT_TEST_NO_MATPLOTLIB=1, importing matplotlib fails, as if it were not installed.
 """
+
 import json
 import os
 import runpy
@@ -33,7 +34,7 @@ if os.environ.get("FT_TEST_MD5"):
     trust_test_md5(json.loads(Path(os.environ["FT_TEST_MD5"]).read_text()))
 
 if os.environ.get("FT_TEST_NO_MATPLOTLIB") == "1":
-    sys.modules["matplotlib"] = None   # `import matplotlib` now raises ImportError
+    sys.modules["matplotlib"] = None  # `import matplotlib` now raises ImportError
 
 script = Path(__file__).resolve().parent.parent / "fine_tuning.py"
 sys.argv = [str(script)] + sys.argv[1:]

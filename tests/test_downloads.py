@@ -14,18 +14,26 @@ def test_offline_the_cifar10_download_says_what_failed_and_where_to_put_a_copy(t
     code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
     assert code == 1
     assert err.startswith("error: could not download CIFAR-10 (network disabled in tests).")
-    assert f"put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) in {tmp_path / 'data'}" in err
+    assert (
+        f"put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) in {tmp_path / 'data'}"
+        in err
+    )
     assert "`python fine_tuning.py --dry-run` works offline." in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
-def test_offline_the_weights_download_says_where_to_put_the_file(cifar_root, monkeypatch, tmp_path, capsys):
+def test_offline_the_weights_download_says_where_to_put_the_file(
+    cifar_root, monkeypatch, tmp_path, capsys
+):
     trust(monkeypatch, cifar_root / "md5.json")  # the data is there; the weights are not
     code, out, err = run(capsys, *tiny(cifar_root, tmp_path))
     assert code == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: could not download the ImageNet weights (")
     checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
-    assert f"put resnet18-f37072fd.pth (https://download.pytorch.org/models/resnet18-f37072fd.pth) in {checkpoints}" in err
+    assert (
+        f"put resnet18-f37072fd.pth (https://download.pytorch.org/models/resnet18-f37072fd.pth) in {checkpoints}"
+        in err
+    )
     assert "or pass its path: --weights PATH" in err
 
 
@@ -34,7 +42,9 @@ def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_
     (data / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     code, out, err = run(capsys, *tiny(data, tmp_path / "runs"))
     assert code == 1 and len(err.splitlines()) == 1
-    assert err.startswith("error: could not download CIFAR-10")  # the damaged copy needs a fresh one
+    assert err.startswith(
+        "error: could not download CIFAR-10"
+    )  # the damaged copy needs a fresh one
 
 
 def test_a_download_that_fails_its_md5_check_gets_one_line(tmp_path, capsys, monkeypatch):
@@ -50,7 +60,9 @@ def test_a_download_that_fails_its_md5_check_gets_one_line(tmp_path, capsys, mon
     assert errors[0].endswith(f"delete {tmp_path / 'data' / 'cifar-10-python.tar.gz'}, run again")
 
 
-def test_a_complete_copy_in_a_read_only_folder_is_used_as_it_is(own_data, real_files, tmp_path, capsys):
+def test_a_complete_copy_in_a_read_only_folder_is_used_as_it_is(
+    own_data, real_files, tmp_path, capsys
+):
     data = own_data
     before = {path: path.stat().st_mtime_ns for path in data.rglob("*")}
     for path in [data, *data.rglob("*")]:

@@ -15,7 +15,9 @@ def dry(out, *extra):
     return ["--dry-run", "--epochs", "2", "--patience", "5", "--output-dir", out, *extra]
 
 
-def test_a_full_disk_gets_one_line_and_the_last_completed_epoch_stays_intact(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_gets_one_line_and_the_last_completed_epoch_stays_intact(
+    tmp_path, capsys, monkeypatch
+):
     writes = []
 
     def full_at_epoch_2(path, mode="r", *args, **kwargs):  # the kernel's own ENOSPC, from /dev/full
@@ -32,7 +34,13 @@ def test_a_full_disk_gets_one_line_and_the_last_completed_epoch_stays_intact(tmp
     assert err.startswith(f"error: the disk is full: could not write {run_dir / 'last.pt'}.")
     assert err.endswith(f"free some space, then resume: python fine_tuning.py --resume {run_dir}\n")
     assert load_state(run_dir / "last.pt")["epoch"] == 1  # the old file, whole
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pt", "config.json", "history.csv", "last.pt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "best.pt",
+        "config.json",
+        "history.csv",
+        "last.pt",
+    ]
     monkeypatch.undo()
     code, out, err = run(capsys, "--resume", run_dir)
     assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
@@ -58,13 +66,19 @@ def test_every_new_run_gets_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
     assert names == ["1201-120000_dry-run", "1201-120000_dry-run-2", "1201-120000_dry-run-3"]
 
 
-def test_an_existing_run_name_is_refused_with_the_resume_command_where_it_can_resume(tmp_path, capsys):
+def test_an_existing_run_name_is_refused_with_the_resume_command_where_it_can_resume(
+    tmp_path, capsys
+):
     (tmp_path / "taken").mkdir()
     code, _, err = run(capsys, *dry(tmp_path, "--run-name", "taken"))
-    assert code == 2 and err.endswith(f"--run-name: {tmp_path / 'taken'} already exists; choose another name\n")
+    assert code == 2 and err.endswith(
+        f"--run-name: {tmp_path / 'taken'} already exists; choose another name\n"
+    )
     (tmp_path / "taken" / "last.pt").write_bytes(b"")
     code, _, err = run(capsys, *dry(tmp_path, "--run-name", "taken"))
-    assert code == 2 and err.endswith(f", or continue it: python fine_tuning.py --resume {tmp_path / 'taken'}\n")
+    assert code == 2 and err.endswith(
+        f", or continue it: python fine_tuning.py --resume {tmp_path / 'taken'}\n"
+    )
 
 
 def test_a_run_folder_that_another_process_is_resuming_is_refused(tmp_path, capsys, monkeypatch):
@@ -72,7 +86,9 @@ def test_a_run_folder_that_another_process_is_resuming_is_refused(tmp_path, caps
     assert run(capsys, *dry(tmp_path, "--run-name", "busy"))[0] == 130
     with FileLock(tmp_path / "busy" / ".lock"):  # held as a resuming process holds it
         code, _, err = run(capsys, "--resume", tmp_path / "busy")
-    assert code == 2 and err.endswith(f"--resume: another process is training in {tmp_path / 'busy'} now\n")
+    assert code == 2 and err.endswith(
+        f"--resume: another process is training in {tmp_path / 'busy'} now\n"
+    )
 
 
 def test_summary_csv_keeps_one_row_per_finished_run_and_runs_finishing_together_lose_none(tmp_path):
@@ -91,7 +107,9 @@ def test_summary_csv_keeps_one_row_per_finished_run_and_runs_finishing_together_
 
 
 def test_summary_csv_saved_by_excel_is_read_with_its_byte_order_mark(tmp_path):
-    (tmp_path / "summary.csv").write_bytes("\ufeffrun,best_val_acc,note\r\nold,0.4,mine\r\n".encode())
+    (tmp_path / "summary.csv").write_bytes(
+        "\ufeffrun,best_val_acc,note\r\nold,0.4,mine\r\n".encode()
+    )
     ft.add_to_summary(tmp_path, {"run": "new", "best_val_acc": 0.5})
     with open(tmp_path / "summary.csv", newline="", encoding="utf-8-sig") as file:
         rows = [(row["run"], row["note"]) for row in csv.DictReader(file)]

@@ -42,7 +42,9 @@ def snapshot(module):
 
 
 def changed(before, module):
-    return {key for key, value in module.state_dict().items() if not torch.equal(before[key], value)}
+    return {
+        key for key, value in module.state_dict().items() if not torch.equal(before[key], value)
+    }
 
 
 # --- Data --------------------------------------------------------------------------------------------
@@ -57,7 +59,9 @@ def test_the_default_split_is_45000_train_and_5000_validation_500_of_each_class(
 def test_the_seed_fixes_the_split_and_train_per_class_keeps_the_same_validation_split():
     labels = torch.arange(50_000) % 10
     first = ft.stratified_split(labels, 0.1, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(first, ft.stratified_split(labels, 0.1, 0), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(first, ft.stratified_split(labels, 0.1, 0), strict=True)
+    )
     assert not torch.equal(first[1], ft.stratified_split(labels, 0.1, seed=1)[1])
     few_train, few_val = ft.stratified_split(labels, 0.1, seed=0, train_per_class=100)
     assert torch.bincount(labels[few_train]).tolist() == [100] * 10
@@ -116,7 +120,9 @@ def test_frozen_bn_train_adapts_the_frozen_blocks_statistics_but_never_their_wei
     train(model, optimizer, frozen_bn="train")
     moved = changed(before, model)
     assert any(key.startswith("layer1.") and "running_var" in key for key in moved)
-    frozen_weights = [k for k in moved if k.startswith(("conv1.", "layer1.")) and "running" not in k]
+    frozen_weights = [
+        k for k in moved if k.startswith(("conv1.", "layer1.")) and "running" not in k
+    ]
     assert frozen_weights == [k for k in frozen_weights if "num_batches_tracked" in k]
 
 
@@ -207,9 +213,13 @@ def test_the_training_step_runs_under_autocast_and_the_gradient_scaler(amp_dtype
     [((9, 0), torch.bfloat16, "H100"), ((8, 0), torch.bfloat16, "A100"),
      ((7, 5), torch.float16, "Tesla T4"), ((7, 0), torch.float16, "V100"), ((6, 1), None, "P40")],
 )  # fmt: skip
-def test_a_gpu_gets_the_precision_its_compute_capability_allows(monkeypatch, capsys, capability, dtype, name):
+def test_a_gpu_gets_the_precision_its_compute_capability_allows(
+    monkeypatch, capsys, capability, dtype, name
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # as a T4's says
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True
+    )  # as a T4's says
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

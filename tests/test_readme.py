@@ -1,4 +1,5 @@
 """The README's transcript of a dry run is what the code prints, numbers and elided lines aside."""
+
 import re
 
 import fine_tuning as ft
@@ -7,7 +8,7 @@ from conftest import ROOT, run
 
 def transcript():
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## What a run prints"):]
+    section = text[text.index("## What a run prints") :]
     return section.split("```\n")[1].splitlines()
 
 
@@ -19,7 +20,7 @@ def shape(line):
 
 
 def test_the_readme_transcript_is_what_a_dry_run_prints(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)                       # the transcript shows the default, relative runs/ folder
+    monkeypatch.chdir(tmp_path)  # the transcript shows the default, relative runs/ folder
     code, out, err = run(capsys, "--dry-run")
     assert code == 0, err
     printed = [shape(line) for line in out.splitlines()]
@@ -28,7 +29,7 @@ def test_the_readme_transcript_is_what_a_dry_run_prints(tmp_path, capsys, monkey
     assert len(chunks) >= 3
     for chunk in chunks:
         wanted = [shape(line) for line in chunk.splitlines()]
-        starts = [i for i in range(at, len(printed)) if printed[i:i + len(wanted)] == wanted]
+        starts = [i for i in range(at, len(printed)) if printed[i : i + len(wanted)] == wanted]
         assert starts, f"not printed, in this order and together:\n{chunk}\n--- printed:\n{out}"
         at = starts[0] + len(wanted)
     assert "runs/" in out and "_dry-run" in out

@@ -40,7 +40,9 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     assert [row["run"] for row in summary] == ["first"] and summary[0]["IMAGE_SIZE"] == "32"
 
 
-def test_the_imagenet_weights_come_through_torchvisions_cache(real_files, torch_home, tmp_path, capsys):
+def test_the_imagenet_weights_come_through_torchvisions_cache(
+    real_files, torch_home, tmp_path, capsys
+):
     # resnet18(weights=IMAGENET1K_V1) reads the cached file (the tests' random copy of it).
     cached = load_state(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     model = ft.build_model("IMAGENET1K_V1")
@@ -86,19 +88,26 @@ def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, 
     assert "\nunfreezing" not in out
 
 
-def test_a_numeric_setting_changed_between_two_runs_is_compared_and_tabled(real_files, tmp_path, capsys):
+def test_a_numeric_setting_changed_between_two_runs_is_compared_and_tabled(
+    real_files, tmp_path, capsys
+):
     assert run(capsys, *tiny(real_files, tmp_path, "--run-name", "a"))[0] == 0
-    code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", "b", "--head-lr", "0.003"))
+    code, out, err = run(
+        capsys, *tiny(real_files, tmp_path, "--run-name", "b", "--head-lr", "0.003")
+    )
     assert code == 0, err
-    line = out[out.index("\nvs a (") :]
-    assert line.startswith("\nvs a (HEAD_LR 0.001 -> 0.003): validation accuracy of the best epoch")
-    assert "two standard errors on 10 validation images" in line and "another --seed" in line
-    code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", "c", "--image-size", "64"))
+    line = " ".join(out[out.index("\nvs a (") :].split("\n\n")[0].split())
+    assert line.startswith("vs a (HEAD_LR 0.001 -> 0.003): validation accuracy of the best epoch")
+    assert "the sampling error of the 10 validation images (two standard errors)" in line
+    assert line.endswith("Runs with another --seed show how much runs differ.")
+    code, out, err = run(
+        capsys, *tiny(real_files, tmp_path, "--run-name", "c", "--image-size", "64")
+    )
     assert code == 0, err
-    table = out[out.index("runs so far (the last 3 of 3 in summary.csv)") :].splitlines()
+    table = out[out.index("runs so far (the last 3 of 3 in summary.csv;") :].splitlines()
     assert table[2].endswith("  a: ") and table[3].endswith("  b: HEAD_LR=0.003")
     assert table[4].endswith("  c: IMAGE_SIZE=64")  # a 64 px run is told apart from 32 px ones
-    assert "vs b (IMAGE_SIZE 32 -> 64, HEAD_LR 0.003 -> 0.001)" in out
+    assert "\nvs b (IMAGE_SIZE 32 -> 64, HEAD_LR 0.003 -> 0.001): " in out
 
 
 def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_setting(tmp_path, capsys):

@@ -28,7 +28,9 @@ def test_flags_override_the_constants_and_reach_config_json(tmp_path, capsys):
     assert code == 0, err
     settings = json.loads((tmp_path / "flags" / "config.json").read_text())["settings"]
     assert settings["SEED"] == 3 and settings["FROZEN_BN"] == "train" and settings["EPOCHS"] == 1
-    assert settings["UNFREEZE_SCHEDULE"] == {"1": "layer2"} and settings["OUTPUT_DIR"] == str(tmp_path)
+    assert settings["UNFREEZE_SCHEDULE"] == {"1": "layer2"} and settings["OUTPUT_DIR"] == str(
+        tmp_path
+    )
 
 
 BAD_FLAGS = [
@@ -52,7 +54,9 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(args, message, tmp_path, capsys):
+def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(
+    args, message, tmp_path, capsys
+):
     code, out, err = run(capsys, *args, "--data-dir", tmp_path / "data", "--output-dir", tmp_path)
     assert code == 2
     assert message in err and "Traceback" not in err
@@ -68,7 +72,9 @@ def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(args, messag
      ("UNFREEZE_SCHEDULE", {5: "layer2", 3: "layer9"}, "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer2,3:layer9'"),
      ("FREEZE_UNTIL", 2, "FREEZE_UNTIL (--freeze-until): '2' is not allowed")],
 )  # fmt: skip
-def test_an_edited_constant_is_checked_like_a_flag(name, value, message, monkeypatch, tmp_path, capsys):
+def test_an_edited_constant_is_checked_like_a_flag(
+    name, value, message, monkeypatch, tmp_path, capsys
+):
     monkeypatch.setattr(ft, name, value)
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
     assert code == 2 and message in err
@@ -84,11 +90,16 @@ def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):
     monkeypatch.delattr(ft, "PATIENCE")
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
     assert code == 2
-    assert err == "fine_tuning.py: error: PATIENCE is missing from the settings at the top of fine_tuning.py\n"
+    assert (
+        err
+        == "fine_tuning.py: error: PATIENCE is missing from the settings at the top of fine_tuning.py\n"
+    )
 
 
 def test_a_data_dir_that_names_the_cifar10_folder_itself_is_refused(tmp_path, capsys):
-    code, _, err = run(capsys, "--data-dir", tmp_path / "cifar-10-batches-py", "--output-dir", tmp_path)
+    code, _, err = run(
+        capsys, "--data-dir", tmp_path / "cifar-10-batches-py", "--output-dir", tmp_path
+    )
     assert code == 2 and "not that folder itself" in err
 
 
@@ -143,7 +154,9 @@ def script_with(env_code, tmp_path):
     """Run fine_tuning.py --help in a fresh interpreter after `env_code` prepared its imports."""
     code = env_code + "\nimport runpy, sys\nsys.argv = ['fine_tuning.py', '--help']\n"
     code += f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
 
 
 def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_line(tmp_path):
@@ -152,8 +165,13 @@ def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_lin
     assert missing.stderr == "error: tqdm is not installed. Run: pip install -r requirements.txt\n"
     fake = tmp_path / "fake" / "torchvision"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')")
+    (fake / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')"
+    )
     mismatch = script_with(f"import sys; sys.path.insert(0, {str(fake.parent)!r})", tmp_path)
     assert mismatch.returncode == 1 and len(mismatch.stderr.splitlines()) == 1
-    assert mismatch.stderr.startswith("error: torchvision ") and " does not match torch " in mismatch.stderr
+    assert (
+        mismatch.stderr.startswith("error: torchvision ")
+        and " does not match torch " in mismatch.stderr
+    )
     assert "pip install --upgrade torch torchvision" in mismatch.stderr

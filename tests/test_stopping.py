@@ -104,7 +104,9 @@ def test_a_killed_dataloader_worker_ends_the_run_with_one_line_and_no_worker_out
     os.kill(workers[0], signal.SIGKILL)  # what an out-of-memory killer does
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "Traceback" not in err, out + err
-    assert err.startswith("error: a DataLoader worker died (") and err.endswith("Try --num-workers 0\n")
+    assert err.startswith("error: a DataLoader worker died (") and err.endswith(
+        "Try --num-workers 0\n"
+    )
     time.sleep(1)
     assert not [pid for pid in workers if alive(pid)]
 
@@ -121,7 +123,9 @@ def stop_after_epoch(monkeypatch, epoch, signum=signal.SIGINT):
     monkeypatch.setattr(ft.Run, "save_epoch", save_then_signal)
 
 
-def test_resume_continues_with_the_saved_settings_and_epochs_trains_on(tmp_path, capsys, monkeypatch):
+def test_resume_continues_with_the_saved_settings_and_epochs_trains_on(
+    tmp_path, capsys, monkeypatch
+):
     args = ["--dry-run", "--epochs", "2", "--unfreeze-schedule", "2:layer2", "--patience", "5"]
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)
@@ -129,7 +133,9 @@ def test_resume_continues_with_the_saved_settings_and_epochs_trains_on(tmp_path,
     assert code == 130 and "stopped: interrupted" in out, err
     config = tmp_path / "r" / "config.json"
     edited = json.loads(config.read_text())
-    edited["settings"]["HEAD_LR"] = 0.5  # config.json is a record for people: editing changes nothing
+    edited["settings"]["HEAD_LR"] = (
+        0.5  # config.json is a record for people: editing changes nothing
+    )
     config.write_text(json.dumps(edited))
     code, out, err = run(capsys, "--resume", tmp_path / "r", "--epochs", "3")
     assert code == 0, err
@@ -138,12 +144,19 @@ def test_resume_continues_with_the_saved_settings_and_epochs_trains_on(tmp_path,
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
 
 
-def test_resume_takes_no_other_setting_and_a_finished_run_says_where_its_results_are(tmp_path, capsys):
+def test_resume_takes_no_other_setting_and_a_finished_run_says_where_its_results_are(
+    tmp_path, capsys
+):
     code, _, err = run(capsys, "--resume", tmp_path, "--head-lr", "0.01")
     assert code == 2 and "only --epochs may change, not --head-lr" in err
-    assert run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f")[0] == 0
+    assert (
+        run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f")[0]
+        == 0
+    )
     code, _, err = run(capsys, "--resume", tmp_path / "f")
-    assert code == 2 and err.endswith(f"{tmp_path / 'f'} has finished; its results are in results.json\n")
+    assert code == 2 and err.endswith(
+        f"{tmp_path / 'f'} has finished; its results are in results.json\n"
+    )
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
@@ -156,5 +169,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monke
     monkeypatch.setattr(ft, "train_one_epoch", interrupted)
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "early")
     assert code == 130
-    assert "no epoch was completed: nothing to test or to resume; run the same command again." in out
+    assert (
+        "no epoch was completed: nothing to test or to resume; run the same command again." in out
+    )
     assert not (tmp_path / "early").exists()
