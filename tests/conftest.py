@@ -1,6 +1,7 @@
 """Shared fixtures: no network, a tiny CIFAR-10 in the official layout, random weights in the hub
 cache, and helpers that run fine_tuning.py in this process (fast) or as a user does (a process)."""
 
+import functools
 import json
 import os
 import shutil
@@ -42,6 +43,15 @@ def offline(monkeypatch, tmp_path_factory, request):
     for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib"] or ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ImportError
     monkeypatch.setattr(os, "fsync", lambda handle: None)  # durability is not under test here
+
+
+@pytest.fixture(autouse=True, scope="session")
+def synthetic_images_once():
+    """Dry runs make CIFAR-10's synthetic twin (60,000 images) once per seed for the whole suite:
+    it depends on the seed alone."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ft, "synthetic_cifar10", functools.cache(ft.synthetic_cifar10))
+        yield
 
 
 @pytest.fixture

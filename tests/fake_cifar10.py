@@ -55,7 +55,7 @@ def write_cifar10(root, per_batch=20, n_test=30, test_labels=None):
 
 
 def trusted_md5(sums):
-    """CIFAR-10's lists of expected md5 sums, with the sums of files we wrote in place of the official ones."""
+    """CIFAR-10's lists of md5 sums, with the sums of the files we wrote for the official ones."""
     from torchvision import datasets
 
     return dict(

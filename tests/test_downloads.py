@@ -15,8 +15,8 @@ def test_offline_the_cifar10_download_says_what_failed_and_where_to_put_a_copy(t
     assert code == 1
     assert err.startswith("error: could not download CIFAR-10 (network disabled in tests).")
     assert (
-        f"put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) in {tmp_path / 'data'}"
-        in err
+        "put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html)"
+        f" in {tmp_path / 'data'}" in err
     )
     assert "`python fine_tuning.py --dry-run` works offline." in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
@@ -31,8 +31,8 @@ def test_offline_the_weights_download_says_where_to_put_the_file(
     assert err.startswith("error: could not download the ImageNet weights (")
     checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
     assert (
-        f"put resnet18-f37072fd.pth (https://download.pytorch.org/models/resnet18-f37072fd.pth) in {checkpoints}"
-        in err
+        "put resnet18-f37072fd.pth (https://download.pytorch.org/models/resnet18-f37072fd.pth)"
+        f" in {checkpoints}" in err
     )
     assert "or pass its path: --weights PATH" in err
 

@@ -47,7 +47,7 @@ def changed(before, module):
     }
 
 
-# --- Data --------------------------------------------------------------------------------------------
+# --- Data -----------------------------------------------------------------------------------------
 def test_the_default_split_is_45000_train_and_5000_validation_500_of_each_class():
     labels = torch.arange(50_000) % 10
     train_idx, val_idx = ft.stratified_split(labels, 0.1, seed=0)
@@ -93,7 +93,7 @@ def test_inputs_are_normalised_with_imagenets_statistics_and_resized_on_the_batc
     assert ft.ImageNetInput(224)(images).shape == (2, 3, 224, 224)
 
 
-# --- Freezing and frozen BatchNorm --------------------------------------------------------------------
+# --- Freezing and frozen BatchNorm ----------------------------------------------------------------
 def test_frozen_blocks_weights_and_batchnorm_statistics_do_not_change():
     model = small_model("layer2")
     before = snapshot(model)
@@ -135,7 +135,7 @@ def test_freeze_none_trains_every_block_and_layer4_is_feature_extraction():
     assert sum(p.numel() for p in head_only.parameters() if p.requires_grad) == 5_130
 
 
-# --- Learning rates and gradual unfreezing ------------------------------------------------------------
+# --- Learning rates and gradual unfreezing --------------------------------------------------------
 def test_each_parameter_group_gets_its_learning_rate_and_no_frozen_parameter_is_given():
     model = small_model("layer2")
     optimizer, _ = adam(model)
@@ -146,7 +146,7 @@ def test_each_parameter_group_gets_its_learning_rate_and_no_frozen_parameter_is_
 
 
 def test_the_head_learns_with_10x_the_backbones_learning_rate():
-    # Adam's first step moves each weight by about lr, whatever its gradient: the steps show the rates.
+    # Adam's first step moves each weight by about lr, whatever its gradient: steps show the rates.
     model = small_model("layer3")
     optimizer, _ = adam(model)
     before = snapshot(model)
@@ -179,7 +179,7 @@ def test_unfreezing_releases_the_block_and_every_frozen_block_after_it_at_their_
     assert not [k for k in moved if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
 
 
-# --- Early stopping -----------------------------------------------------------------------------------
+# --- Early stopping -------------------------------------------------------------------------------
 def test_early_stopping_stops_after_patience_epochs_without_an_improvement_of_min_delta():
     stopper = ft.EarlyStopping(patience=2, min_delta=0.01)
     assert stopper.step(1.0, 0.5, epoch=1)
@@ -195,7 +195,7 @@ def test_an_improvement_resets_the_count_and_val_acc_is_maximised():
     assert stopper.step(3.0, 0.6, 3) and stopper.bad_epochs == 0 and stopper.best_epoch == 3
 
 
-# --- Mixed precision -----------------------------------------------------------------------------------
+# --- Mixed precision ------------------------------------------------------------------------------
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_the_training_step_runs_under_autocast_and_the_gradient_scaler(amp_dtype):
     # The CPU runs both, as a GPU would: bf16 without the scaler, fp16 with it.
