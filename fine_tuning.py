@@ -54,6 +54,7 @@ import signal
 import sys
 import textwrap
 import time
+import urllib.error
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -714,9 +715,8 @@ def check_together(cfg):
     n_val = round(CIFAR10_PER_CLASS * cfg.val_fraction)
     if not 1 <= n_val < CIFAR10_PER_CLASS:
         raise SettingError(
-            f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction} leaves {n_val} validation images"
-            " of"
-            f" each class's {CIFAR10_PER_CLASS:,}; both splits must keep some"
+            f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction} leaves {n_val} validation"
+            f" images of each class's {CIFAR10_PER_CLASS:,}; both splits must keep some"
         )
     per_class = CIFAR10_PER_CLASS - n_val
     if cfg.train_per_class != "all" and cfg.train_per_class > per_class:
@@ -734,8 +734,7 @@ def check_together(cfg):
     if cfg.weights == "none" and cfg.freeze_until != "none":
         print(
             f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until} keeps random blocks"
-            " frozen,"
-            " which is rarely meant. From scratch, every block trains: add --freeze-until none."
+            " frozen, which is rarely meant. From scratch, every block trains: --freeze-until none"
         )
 
 
@@ -794,8 +793,7 @@ def load_data(cfg):
         kept = f" ({cfg.train_per_class} per class)"
     print(
         f"data: {len(train_set):,} train{kept} / {len(val_set):,} validation"
-        f" / {len(test_set):,} test"
-        f" images, {len(classes)} classes"
+        f" / {len(test_set):,} test images, {len(classes)} classes"
     )
     if cfg.dry_run:  # the first batches of each set
         train_set = first_images(train_set, DRY_RUN_BATCHES * cfg.batch_size)
@@ -851,7 +849,9 @@ def download_errors(what, hint, setting, target):
             raise RunError(
                 f"could not download {what}: the disk is full. Free some space, or set {setting}"
             ) from None
-        reason = getattr(error, "reason", None) or error.strerror or error
+        reason = error.strerror or error
+        if isinstance(error, urllib.error.URLError):
+            reason = error.reason
         raise RunError(
             f"could not download {what} ({reason}). Without internet, {hint}."
             " `python fine_tuning.py --dry-run` works offline."
@@ -1010,6 +1010,7 @@ class Run:
             row = dict(
                 run=self.dir.name, **settings_record(cfg), best_val_acc=round(best["val_acc"], 4)
             )
+            row["UNFREEZE_SCHEDULE"] = schedule_text(cfg.unfreeze_schedule)  # as the flag reads
             row["test_acc"] = round(test_acc, 4)
             row["val_images"] = cfg.val_images
             row["epochs_run"] = self.history[-1]["epoch"]
@@ -1120,12 +1121,13 @@ claimed = SimpleNamespace(run=None)  # the run folder this process holds
 
 def leave_run_folder():
     """Unlock the run folder; a new run that completed no epoch removes it whole."""
-    run, claimed.run = claimed.run, None
+    run = claimed.run
+    claimed.run = None
     if run is None:
         return
+    run.lock.release()
     if run.new and not (run.dir / "last.pt").exists() and not (run.dir / "results.json").exists():
         shutil.rmtree(run.dir)  # made by this process, and nothing in it worth keeping
-    run.lock.release()
 
 
 def stopped_message():
