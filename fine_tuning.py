@@ -513,7 +513,7 @@ def one_of(*choices):
 
 
 def folder(text):
-    return Path(text).expanduser().absolute()
+    return Path(text).expanduser()
 
 
 def schedule(text):
@@ -741,8 +741,8 @@ def check_together(cfg):
 def settings_record(cfg):
     """The settings as this run uses them: config.json, last.pt and summary.csv."""
     record = {name: getattr(cfg, name.lower()) for name in SETTINGS}
-    record["DATA_DIR"] = str(cfg.data_dir)
-    record["OUTPUT_DIR"] = str(cfg.output_dir)
+    record["DATA_DIR"] = str(cfg.data_dir.absolute())  # absolute: a resume works from anywhere
+    record["OUTPUT_DIR"] = str(cfg.output_dir.absolute())
     return record
 
 
@@ -822,8 +822,10 @@ def load_model(cfg):
     """build_model(), with a failed download of ImageNet's weights as one line."""
     if cfg.weights == "IMAGENET1K_V1":
         print("model: ResNet18 with ImageNet weights (IMAGENET1K_V1), new 10-class head")
+    elif cfg.weights == "none":
+        print("model: ResNet18 with random weights, new 10-class head")
     else:
-        print(f"model: ResNet18, weights: {cfg.weights}, new 10-class head")
+        print(f"model: ResNet18 with the weights in {cfg.weights}, new 10-class head")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
     hint = (
         f"put {cached.name} ({IMAGENET.url}) in {cached.parent}, or pass its path: --weights PATH"

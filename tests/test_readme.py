@@ -26,7 +26,7 @@ def test_the_readme_transcript_is_what_a_dry_run_prints(tmp_path, capsys, monkey
     printed = [shape(line) for line in out.splitlines()]
     at = 0
     chunks = "\n".join(transcript()).split("\n...\n")
-    assert len(chunks) >= 3
+    assert len(chunks) >= 2 and len(transcript()) > 30
     for chunk in chunks:
         wanted = [shape(line) for line in chunk.splitlines()]
         starts = [i for i in range(at, len(printed)) if printed[i : i + len(wanted)] == wanted]

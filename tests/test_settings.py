@@ -74,11 +74,12 @@ BAD_FLAGS = [  # a flag, and what the one line says
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+@pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[args for args, _ in BAD_FLAGS])
 def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(
     args, message, tmp_path, capsys
 ):
-    code, out, err = run(capsys, *args, "--data-dir", tmp_path / "data", "--output-dir", tmp_path)
+    folders = ["--data-dir", tmp_path / "data", "--output-dir", tmp_path]
+    code, out, err = run(capsys, *args.split(), *folders)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
@@ -168,7 +169,7 @@ def test_a_copied_imagenet_file_given_by_path_is_used(real_files, torch_home, tm
     args = ["--weights", copy, "--data-dir", real_files, "--output-dir", tmp_path, "--epochs", "1"]
     code, out, err = run(capsys, *args, "--batch-size", "8")
     assert code == 0, err
-    assert f"model: ResNet18, weights: {copy}, new 10-class head" in out
+    assert f"model: ResNet18 with the weights in {copy}, new 10-class head" in out
 
 
 def script_with(env_code, tmp_path):
