@@ -154,9 +154,9 @@ def ignore_ctrl_c(worker_id):
 
 ## Augmentation: a random 32x32 crop of the image padded by 4 black pixels, and a horizontal flip
 ## half of the time, the classic CIFAR recipe. It is what transforms.v2.RandomCrop(32, padding=4)
-## and RandomHorizontalFlip() do to one image, done here to a batch on the device: per image, on
-## the CPU, they cost 125 us an image on 2 cores, work that can starve a fast GPU. Validation and
-## test images are never augmented.
+## and RandomHorizontalFlip() do to one image, done here to a batch on the device: image by image
+## on the CPU they took 184 us an image, this 7 us (tests/benchmark_speed.py, 2 CPU cores), and
+## CPU work per image can starve a fast GPU. Validation and test images are never augmented.
 def random_crop_flip(images, generator, padding=4):
     n, _, height, width = images.shape
     padded = F.pad(images, [padding] * 4)

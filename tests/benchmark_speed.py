@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, models, transforms  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 
 import fine_tuning as ft  # noqa: E402
 from fake_cifar10 import trust_test_md5, write_cifar10  # noqa: E402
@@ -164,9 +165,7 @@ def measure(loops, steps, rounds):
 def augmentation_cost(device, repeats=50):
     """Microseconds per image: the script's batched crop and flip against v2's, image by image."""
     images = torch.randint(0, 256, (ft.BATCH_SIZE, 3, 32, 32), dtype=torch.uint8)
-    per_image = transforms.v2.Compose(
-        [transforms.v2.RandomCrop(32, padding=4), transforms.v2.RandomHorizontalFlip()]
-    )
+    per_image = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
     generator = torch.Generator().manual_seed(0)
     on_device = images.to(device)
     timings = {}
@@ -213,8 +212,8 @@ def main():
     parser.add_argument("--script-only", action="store_true", help="time the script's loop alone")
     parser.add_argument("--epoch", action="store_true", help="then time one whole real run")
     args = parser.parse_args()
-    device, amp_dtype = ft.choose_device(args.image_size)
-    image_size = args.image_size or (224 if device.type == "cuda" else 32)
+    image_size = args.image_size or (224 if torch.cuda.is_available() else 32)
+    device, amp_dtype = ft.choose_device(image_size)
     steps = args.steps or (200 if device.type == "cuda" else 40)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
