@@ -1161,14 +1161,8 @@ def atomic_write(path):
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except OSError as error:  # torch.save too lets the file's own error through (2.5 to 2.14)
         raise write_error(path, error) from None
-    except RuntimeError as error:  # some torch versions wrap the failed write (its __context__)
-        if not isinstance(error.__context__, (OSError, KeyboardInterrupt)):
-            raise
-        if isinstance(error.__context__, KeyboardInterrupt):  # a second Ctrl-C during the write
-            raise KeyboardInterrupt from None
-        raise write_error(path, error.__context__) from None
     finally:
         temporary.unlink(missing_ok=True)
 
