@@ -122,10 +122,8 @@ def stratified_split(labels, val_fraction, seed, train_per_class="all"):
 def split_train_val(train_set, val_fraction, seed, train_per_class="all"):
     images, labels = train_set.tensors
     train_idx, val_idx = stratified_split(labels, val_fraction, seed, train_per_class)
-    return (
-        TensorDataset(images[train_idx], labels[train_idx]),
-        TensorDataset(images[val_idx], labels[val_idx]),
-    )
+    train_set = TensorDataset(images[train_idx], labels[train_idx])
+    return train_set, TensorDataset(images[val_idx], labels[val_idx])
 
 
 def make_loaders(train_set, val_set, test_set, batch_size, num_workers, device):
@@ -173,8 +171,7 @@ def random_crop_flip(images, generator, padding=4):
 
 
 ## The pretrained weights expect what they saw in training: pixels from 0 to 1, normalised with
-## the mean and standard deviation of ImageNet's images per colour channel (from the weights' own
-## preset), and images near ImageNet's size. A module, so that its constants live on the device.
+## ImageNet's mean and standard deviation per colour channel, at about ImageNet's size.
 class ImageNetInput(nn.Module):
     """uint8 batch -> normalised float batch of `image_size` pixels."""
 
@@ -254,11 +251,10 @@ def set_train_mode(model, frozen_bn="eval"):
 
 
 # === 4. Learning rates: one parameter group per block =============================================
-## Discriminative learning rates: the pretrained blocks are already good, so they take small steps
-## that adapt them without destroying what they know. The new head starts from random numbers and
-## must move far: a 10x larger rate. LAYER_LR_DECAY adds a tier between them: the earlier a block,
-## the more generic its features, so each block below layer4 may learn more slowly than the one
-## above it. Adam takes a list of parameter groups, each with its own lr; frozen blocks get none.
+## Discriminative learning rates: the pretrained blocks are already good, so small steps adapt
+## them without destroying what they know; the new head starts from random numbers and must move
+## far: a 10x larger rate. LAYER_LR_DECAY adds a tier: the earlier a block, the more generic its
+## features, the slower it may learn. Adam takes parameter groups, each with its own lr.
 def block_lrs(backbone_lr, layer_lr_decay, head_lr):
     """{block: lr}: head_lr for fc, backbone_lr for layer4, times layer_lr_decay per block down."""
     lrs = {"fc": head_lr}
