@@ -452,9 +452,7 @@ SETTINGS = [
     "UNFREEZE_SCHEDULE", "FROZEN_BN", "BATCH_SIZE", "EPOCHS", "BACKBONE_LR", "LAYER_LR_DECAY",
     "HEAD_LR", "MONITOR", "PATIENCE", "MIN_DELTA", "NUM_WORKERS", "OUTPUT_DIR",
 ]  # fmt: skip
-CIFAR10_PER_CLASS = (
-    5_000  # CIFAR-10's training images per class: the split is checked before any download
-)
+CIFAR10_PER_CLASS = 5_000  # training images per class: the split is checked before any download
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DRY_RUN_BATCHES = 2  # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3  # --dry-run: epochs, unless --epochs is given or the schedule needs more
