@@ -1,11 +1,13 @@
-"""Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10 (Example 2 of a transfer-learning series).
+"""Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10, or on a folder of your own images
+(Example 2 of a transfer-learning series).
 
 Read it from the top, beside README.md, down to the banner "The lesson ends here": the settings,
-the data, the model and its new head, freezing, learning rates, the training step, evaluation,
-early stopping, and main(), the story of a run. Below the banner is plumbing.
+the data, the model and its new head, freezing, learning rates, precision and the training step,
+evaluation, early stopping, and main(), the story of a run. Below the banner is plumbing.
 
     python fine_tuning.py --dry-run              # offline check in seconds: synthetic data
     python fine_tuning.py                        # the real run: downloads CIFAR-10 and the weights
+    python fine_tuning.py --dataset my_photos    # your own images: a subfolder of images per class
     python fine_tuning.py --freeze-until layer4  # any constant below as a flag; --help lists them
 
 `##` comments teach, `#` comments explain the code: `sed '/^ *##/d' fine_tuning.py` keeps the code.
@@ -13,17 +15,20 @@ early stopping, and main(), the story of a run. Below the banner is plumbing.
 
 # === Settings: the one place to edit. Each is also a flag: EPOCHS -> --epochs 3 ===================
 # data
+DATASET = "CIFAR10"  # or the path of a folder of your images, a subfolder per class (see README)
 DATA_DIR = "./data"  # CIFAR-10 (about 170 MB) is downloaded here on the first run
-SEED = 0  # fixes the split, the new head's first weights, the shuffle and the augmentation
-VAL_FRACTION = 0.1  # of the 50,000 training images: 45,000 train / 5,000 validation
+SEED = 0  # fixes the new head's first weights, the shuffle and the augmentation (not the split)
+VAL_FRACTION = 0.1  # of each class's training images: CIFAR-10's 50,000 -> 45,000 + 5,000
 TRAIN_PER_CLASS = "all"  # "all", or keep N training images per class: try 100 (little data)
-IMAGE_SIZE = "auto"  # pixels the model sees: "auto" = 224 on CUDA (ImageNet's), 32 elsewhere
+IMAGE_SIZE = (
+    "auto"  # pixels the model sees: "auto" = 224 on CUDA; elsewhere the images' own, <= 224
+)
 # model
 WEIGHTS = "IMAGENET1K_V1"  # ImageNet's; "none": random (from scratch); or a ResNet18 weights file
 FREEZE_UNTIL = (
-    "layer2"  # last frozen block: none, stem, layer1..layer4 (layer4: feature extraction)
+    "layer2"  # last frozen block: none, stem, layer1..layer4 (layer4: only the head learns)
 )
-UNFREEZE_SCHEDULE = {}  # gradual unfreezing: {2: "layer3"} releases layer3 at the start of epoch 2
+UNFREEZE_SCHEDULE = {}  # gradual unfreezing: {5: "layer2"} releases layer2 at the start of epoch 5
 FROZEN_BN = "eval"  # BatchNorm of frozen blocks: "eval" keeps ImageNet's statistics, "train" adapts
 # optimizer
 BATCH_SIZE = 32  # images per step
@@ -41,6 +46,7 @@ OUTPUT_DIR = "./runs"  # each run writes OUTPUT_DIR/<run name>/; finished runs a
 
 import argparse
 import csv
+import difflib
 import errno
 import importlib.metadata
 import io
@@ -49,52 +55,53 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
+import statistics
 import sys
 import textwrap
 import time
 import urllib.error
-from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 try:
-    import numpy as np
     import torch
     import torch.nn.functional as F
-    from filelock import FileLock, Timeout  # installed with torch
+    from PIL import Image
     from torch import nn
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
+    from torchvision.transforms import v2
     from tqdm import tqdm
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed. Run: pip install -r requirements.txt")
 except RuntimeError as mismatch:
     # "operator torchvision::nms does not exist": this torchvision was built for another torch
     versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision")}
+    install = "pip install --upgrade torch torchvision"
+    if not torch.cuda.is_available():
+        install += " --index-url https://download.pytorch.org/whl/cpu"  # the CPU-only builds
     sys.exit(
         f"error: torchvision {versions['torchvision']} does not match torch {versions['torch']}"
-        f" ({mismatch}). Install them together: pip install --upgrade torch torchvision"
+        f" ({mismatch}). Install them together: {install}"
     )
 
 BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]  # ResNet18's, input to output
-NUM_CLASSES = 10
 IMAGENET = models.ResNet18_Weights.IMAGENET1K_V1
 
 
-# === 1. Data: CIFAR-10 and a stratified validation split ==========================================
-## CIFAR-10 has 50,000 training and 10,000 test images of 32x32 pixels in 10 classes. The test set
-## is used once, at the very end. To choose the best epoch and to stop early we hold out a
-## validation split from the training images: the same share of every class ("stratified").
+# === 1. Data: CIFAR-10 or your images, a validation split, augmentation ===========================
+## CIFAR-10 has 50,000 training and 10,000 test images of 32x32 pixels in 10 classes; your own
+## images come as a folder with a subfolder per class. Either way the images stay in memory as one
+## uint8 tensor (N, 3, height, width): the DataLoader only indexes it, with no file to read and no
+## PIL image per sample, and the pixels become floats on the device, a batch at a time.
 def load_cifar10(data_dir):
-    """CIFAR-10's training and test sets as TensorDatasets of uint8 images (N, 3, 32, 32)."""
+    """CIFAR-10's training and test sets as TensorDatasets of uint8 images, and the class names."""
     ## torchvision downloads CIFAR-10 once, checks its md5 sums, and from then on only reads it.
     train = datasets.CIFAR10(data_dir, train=True, download=True)
     test = datasets.CIFAR10(data_dir, train=False, download=True)
-    ## The images stay in memory as one uint8 tensor (150 MB): the DataLoader only indexes it,
-    ## with no PIL image per sample, and the pixels become floats on the device, a batch at a time.
     sets = []
     for split in (train, test):
         images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
@@ -102,40 +109,60 @@ def load_cifar10(data_dir):
     return sets[0], sets[1], train.classes
 
 
-def stratified_split(labels, val_fraction, seed, train_per_class="all"):
-    """Indices (train, val): each class gives round(val_fraction x its size) images to validation
-    and the rest, or a random `train_per_class` of them, to training."""
-    generator = torch.Generator().manual_seed(seed)
-    train_parts, val_parts = [], []
+def load_image_folder(folder, size):
+    """The images of a folder of class folders (folder/cat/1.jpg, folder/dog/2.png, ...) as a
+    TensorDataset of uint8 images (N, 3, size, size), and the class names."""
+    ## Photos come in every size: each is opened as RGB (grayscale and RGBA too), its shorter side
+    ## resized to `size` and its centre cropped to a square, so that they stack into one tensor.
+    to_tensor = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
+    ## torchvision's ImageFolder takes each subfolder for a class, in sorted order (the label is
+    ## the index), and the image files in it by their extension; it skips any other file.
+    found = datasets.ImageFolder(folder, transform=to_tensor, loader=open_rgb)
+    images = torch.empty(len(found), 3, size, size, dtype=torch.uint8)
+    for i, (image, _) in enumerate(progress_bar(found, f"reading {folder}")):
+        images[i] = image
+    return TensorDataset(images, torch.tensor(found.targets)), found.classes
+
+
+## The test set is used once, at the very end. To choose the best epoch and to stop early we hold
+## out a validation split from the training images: the same share of every class ("stratified"),
+## and the same images in every run, whatever its SEED, so that runs are compared on one set.
+def stratified_split(labels, fraction, train_per_class="all"):
+    """Indices (kept, held_out): each class gives round(fraction x its size) images to held_out,
+    and the rest, or a random `train_per_class` of them, to kept."""
+    generator = torch.Generator().manual_seed(0)  # not SEED: one split for every run
+    kept_parts, held_out_parts = [], []
     for label in labels.unique():
         members = (labels == label).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_val = round(len(members) * val_fraction)
-        val_parts.append(members[:n_val])
+        n_held_out = round(len(members) * fraction)
+        held_out_parts.append(members[:n_held_out])
         if train_per_class == "all":
-            train_parts.append(members[n_val:])
+            kept_parts.append(members[n_held_out:])
         else:
-            train_parts.append(members[n_val : n_val + train_per_class])
-    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+            kept_parts.append(members[n_held_out : n_held_out + train_per_class])
+    return torch.cat(kept_parts).sort().values, torch.cat(held_out_parts).sort().values
 
 
-def split_train_val(train_set, val_fraction, seed, train_per_class="all"):
-    images, labels = train_set.tensors
-    train_idx, val_idx = stratified_split(labels, val_fraction, seed, train_per_class)
-    train_set = TensorDataset(images[train_idx], labels[train_idx])
-    return train_set, TensorDataset(images[val_idx], labels[val_idx])
+def split_off(dataset, fraction, train_per_class="all"):
+    """(kept, held_out) TensorDatasets, by stratified_split()."""
+    images, labels = dataset.tensors
+    kept, held_out = stratified_split(labels, fraction, train_per_class)
+    return TensorDataset(images[kept], labels[kept]), TensorDataset(
+        images[held_out], labels[held_out]
+    )
 
 
-def make_loaders(train_set, val_set, test_set, batch_size, num_workers, device):
-    """The three DataLoaders. The training loader shuffles with a generator of its own, which
-    train_one_epoch() seeds each epoch: a resumed run sees what an uninterrupted one would."""
+def make_loaders(train_set, val_set, test_set, batch_size, num_workers, seed):
+    """The three DataLoaders. The training loader shuffles with a generator of its own, seeded
+    with `seed`: last.pt saves its state, so a resumed run draws what an unbroken one would."""
     options = dict(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        pin_memory=device.type == "cuda",  # page-locked memory: copies to the GPU run alongside it
-        worker_init_fn=ignore_ctrl_c,
+        pin_memory=torch.cuda.is_available(),  # page-locked memory: copies to the GPU run alongside
+        worker_init_fn=ignore_stop_signals,
     )
-    sampler = RandomSampler(train_set, generator=torch.Generator())
+    sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     ## drop_last drops the last, smaller batch (45,000 = 1,406 x 32 + 8): every step has the same
     ## size, and no batch can be a single image, which BatchNorm cannot normalise in train mode.
     train_loader = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, **options)
@@ -145,16 +172,16 @@ def make_loaders(train_set, val_set, test_set, batch_size, num_workers, device):
     return train_loader, val_loader, test_loader
 
 
-def ignore_ctrl_c(worker_id):
-    # Ctrl-C reaches DataLoader workers too; the main process alone decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-## Augmentation: a random 32x32 crop of the image padded by 4 black pixels, and a horizontal flip
-## half of the time, the classic CIFAR recipe. It is what transforms.v2.RandomCrop(32, padding=4)
-## and RandomHorizontalFlip() do to one image, done here to a batch on the device: image by image
-## on the CPU they took 184 us an image, this 7 us (tests/benchmark_speed.py, 2 CPU cores), and
-## CPU work per image can starve a fast GPU. Validation and test images are never augmented.
+## Augmentation shows the model a slightly different version of each training image every epoch,
+## so that it learns the classes rather than the images. Each image is flipped left to right half
+## of the time, and cropped at random, by a recipe that depends on its size:
+## - small images (CIFAR-10's 32 px, up to 64): the classic crop of the image padded by 4 black
+##   pixels, what transforms.v2.RandomCrop(32, padding=4) does;
+## - photos: a crop of 35% to 100% of the image, 3:4 to 4:3 in shape, resized back to the full
+##   size, as v2.RandomResizedCrop(size, scale=(0.35, 1)) does. torchvision's ImageNet recipe
+##   keeps as little as 8%, for 90 epochs from scratch; fastai fine-tunes with 35%.
+## Both run on a batch, on the device: v2's transforms image by image on the CPU cost 184 us an
+## image, this 7 us (tests/benchmark_speed.py), and CPU work per image can starve a fast GPU.
 def random_crop_flip(images, generator, padding=4):
     n, _, height, width = images.shape
     padded = F.pad(images, [padding] * 4)
@@ -170,43 +197,78 @@ def random_crop_flip(images, generator, padding=4):
     return torch.stack(crops)
 
 
-## The pretrained weights expect what they saw in training: pixels from 0 to 1, normalised with
-## ImageNet's mean and standard deviation per colour channel, at about ImageNet's size.
-class ImageNetInput(nn.Module):
-    """uint8 batch -> normalised float batch of `image_size` pixels."""
+def random_resized_crop_flip(images, generator, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    n, _, size, _ = images.shape
+    areas = torch.empty(n).uniform_(*scale, generator=generator) * size * size
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    heights = (areas / log_ratio.exp()).sqrt().round().clamp(1, size).long()
+    widths = (areas * log_ratio.exp()).sqrt().round().clamp(1, size).long()
+    tops = (torch.rand(n, generator=generator) * (size - heights + 1)).long()
+    lefts = (torch.rand(n, generator=generator) * (size - widths + 1)).long()
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    crops = []
+    for i, flip in enumerate(flips):
+        top, left, height, width = tops[i], lefts[i], heights[i], widths[i]
+        crop = images[i : i + 1, :, top : top + height, left : left + width]
+        crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            crop = crop.flip(-1)
+        crops.append(crop[0])
+    return torch.stack(crops)
 
-    def __init__(self, image_size):
+
+## The pretrained weights expect what they saw in training: pixels from 0 to 1, normalised with
+## ImageNet's mean and standard deviation per colour channel, at about ImageNet's size. Like the
+## augmentation layers of Keras's guide, this module augments in train mode only.
+class ModelInput(nn.Module):
+    """uint8 images -> the network's input: augmented in train mode, at `image_size`, normalised."""
+
+    def __init__(self, image_size, seed):
         super().__init__()
         self.image_size = image_size
+        self.generator = torch.Generator().manual_seed(seed)  # last.pt saves its state too
         preset = IMAGENET.transforms()
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = (images.float() / 255 - self.mean) / self.std
+        x = images.float() / 255
+        if self.training and x.shape[-1] <= 64:
+            x = random_crop_flip(x, self.generator)
+        elif self.training:
+            x = random_resized_crop_flip(x, self.generator)
         if x.shape[-1] != self.image_size:
             ## 32 -> 224 pixels for a whole batch at once, on the device.
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's fastest layout
         return x
 
 
-# === 2. The model: ResNet18 with ImageNet weights and a new 10-class head =========================
+# === 2. The model: ResNet18 with ImageNet weights and a new head ==================================
 ## The pretrained network ends in ImageNet's 1000-way classifier, `fc`. We keep everything before
-## it, the feature extractor, and replace `fc` by a new 10-way layer for CIFAR-10's classes.
-def build_model(weights="IMAGENET1K_V1"):
-    """ResNet18 with the given weights and a new, randomly initialised 10-way head."""
+## it, the feature extractor, and replace `fc` by a new layer with one output per class.
+def build_model(num_classes, weights="IMAGENET1K_V1"):
+    """ResNet18 with the given weights and a new, randomly initialised head."""
     if weights == "IMAGENET1K_V1":
         ## Downloaded once into torch's cache (45 MB), checked against its hash, then read there.
         model = models.resnet18(weights=models.ResNet18_Weights.IMAGENET1K_V1)
     else:
         model = models.resnet18()  # random weights
-        if weights != "none":  # a ResNet18 state dict in a file, such as a copy of ImageNet's
-            ## weights_only=True refuses pickled Python objects: unpickling a file can run code.
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+        if weights != "none":  # a file: ImageNet's weights, or a best.pt of an earlier run
+            load_backbone(model, weights)
+    model.fc = nn.Linear(512, num_classes)  # 512 features come out of layer4
     return model
+
+
+def load_backbone(model, path):
+    """Every weight but the head's from a ResNet18 state dict, whatever the size of its head."""
+    ## weights_only=True refuses pickled Python objects: unpickling a file can run code.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    model.fc = nn.Identity()  # no head, so the strict load expects none; build_model() adds one
+    model.load_state_dict(backbone)  # strict: a missing, unknown or misshapen weight is an error
 
 
 # === 3. Freezing: which blocks learn ==============================================================
@@ -291,27 +353,50 @@ def unfreeze(model, optimizer, block_name, lrs):
     return released
 
 
-# === 5. The training step =========================================================================
-## The classic loop: forward pass, loss, zero_grad, backward, step. On a GPU, torch.autocast runs
-## the forward pass in 16-bit floats; float16 (older GPUs) also needs the gradient scaler, which
-## scales the loss up so that small gradients do not underflow to zero. On the CPU, in float32,
-## the scaler is disabled and its three calls are plain loss.backward() and optimizer.step().
-def train_one_epoch(
-    model, loader, optimizer, scaler, prepare, seed, frozen_bn="eval", amp_dtype=None
-):
-    """One pass over the training split, shuffled and augmented from `seed`: (loss, accuracy)."""
+# === 5. Precision and the training step ===========================================================
+## On an NVIDIA GPU, torch.autocast runs the forward pass in 16-bit floats: twice the speed, half
+## the memory. bfloat16 from compute capability 8.0 (A100, RTX 30xx and newer); float16 on 7.x
+## (V100, T4, RTX 20xx), whose cuDNN has no bfloat16 convolutions. float16 also needs the gradient
+## scaler, which scales the loss up so that small gradients do not underflow to zero. Below 7.0,
+## on a Mac's GPU (MPS) and on the CPU: float32, where the scaler is disabled.
+def choose_device():
+    """The device, and the autocast dtype its hardware supports (None: float32)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    amp_dtype = None
+    name = ""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            amp_dtype = torch.bfloat16
+        elif major == 7:
+            amp_dtype = torch.float16
+        name = f" ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: time the algorithms once
+    precision = str(amp_dtype or torch.float32).replace("torch.", "")
+    print(f"device: {device}{name}   precision: {precision}")
+    return device, amp_dtype
+
+
+## The classic loop: forward pass, loss, zero_grad, backward, step. With the scaler disabled, its
+## three calls are plain loss.backward() and optimizer.step().
+def train_one_epoch(model, loader, optimizer, scaler, inputs, amp_dtype=None):
+    """One pass over the training split, augmented: (mean loss, accuracy). The model's mode is the
+    caller's: set_train_mode() keeps the frozen blocks' BatchNorm in eval mode."""
     device = next(model.parameters()).device
-    set_train_mode(model, frozen_bn)
-    loader.sampler.generator.manual_seed(seed)
-    augmentation = torch.Generator().manual_seed(seed + 1)
+    inputs.train()  # augment
     total_loss = torch.zeros((), device=device)  # sums stay on the device: no waiting for the GPU
     total_correct = torch.zeros((), device=device, dtype=torch.long)
     total_images = 0
-    progress = Progress(loader, "train")
-    for images, labels in progress:
+    progress = progress_bar(loader, "train")
+    for batch, (images, labels) in enumerate(progress, start=1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x = prepare(random_crop_flip(images, augmentation))
+        x = inputs(images)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, labels)
@@ -322,35 +407,43 @@ def train_one_epoch(
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(1) == labels).sum()
         total_images += len(labels)
-        progress.update(loss)  # the bar, and a check for a nan or inf loss
-    return total_loss.item() / total_images, total_correct.item() / total_images
+        ## .item() makes the CPU wait until the GPU has caught up: read the loss every 25 batches.
+        if batch % 25 == 0:
+            progress.set_postfix(loss=f"{total_loss.item() / total_images:.3f}", refresh=False)
+    mean_loss = total_loss.item() / total_images
+    ## A nan or inf loss means training diverged: every step after it would be wasted.
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training diverged: the loss became {mean_loss}. Try a lower learning rate"
+            " (--head-lr, --backbone-lr), e.g. 10x smaller"
+        )
+    return mean_loss, total_correct.item() / total_images
 
 
 # === 6. Evaluation ================================================================================
 ## eval mode for every layer: BatchNorm uses its running statistics, so a prediction never depends
 ## on the other images in the batch. inference_mode() keeps no autograd records at all.
 @torch.inference_mode()
-def evaluate(model, loader, prepare, amp_dtype=None, desc="val"):
+def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
     """Mean loss, confusion matrix (rows: true class), each image's (prediction, probability)."""
     device = next(model.parameters()).device
     model.eval()
+    inputs.eval()  # no augmentation
+    num_classes = model.fc.out_features
     total_loss = torch.zeros((), device=device)
-    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     predictions = []
-    progress = Progress(loader, desc)
-    for images, labels in progress:
+    for images, labels in progress_bar(loader, desc):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(prepare(images)).float()
-        loss = F.cross_entropy(logits, labels)
-        total_loss += loss * len(labels)
+            logits = model(inputs(images)).float()
+        total_loss += F.cross_entropy(logits, labels) * len(labels)
         probability, predicted = logits.softmax(1).max(1)
         predictions.append(torch.stack([predicted.float(), probability], 1))
         # Each (true, predicted) pair counted by a sum of one-hot rows: no wait for the GPU.
-        confusion += F.one_hot(labels * NUM_CLASSES + predicted, NUM_CLASSES * NUM_CLASSES).sum(0)
-        progress.update(loss)
-    confusion = confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+        confusion += F.one_hot(labels * num_classes + predicted, num_classes * num_classes).sum(0)
+    confusion = confusion.view(num_classes, num_classes).cpu()
     return total_loss.item() / confusion.sum().item(), confusion, torch.cat(predictions).cpu()
 
 
@@ -392,75 +485,73 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def epoch_seed(seed, epoch):
-    """A seed of its own for each epoch's shuffle and augmentation, from (SEED, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 # === 8. The story of a run ========================================================================
 def main(argv=None):
-    """Settings, data, model, freezing, optimizer, epochs with early stopping, test, report."""
-    cfg = parse_settings(argv)  # the constants above, overridden by flags or by --resume
-    run = open_run_folder(cfg)  # OUTPUT_DIR/<run name>, this run's alone, before any download
-    device, amp_dtype = choose_device(cfg.image_size)
-    train_set, val_set, test_set, classes = load_data(cfg)  # CIFAR-10, split_train_val()
+    """Settings, data, model, freezing, optimizer; epochs with early stopping; the test."""
+    cfg = parse_settings(argv)  # the constants above, overridden by flags, or a run's to --resume
+    device, amp_dtype = choose_device()
+    train_set, val_set, test_set, classes = load_data(cfg)  # CIFAR-10 or your folder, split
     train_loader, val_loader, test_loader = make_loaders(
-        train_set, val_set, test_set, cfg.batch_size, cfg.num_workers, device
+        train_set, val_set, test_set, cfg.batch_size, cfg.num_workers, cfg.seed
     )
     torch.manual_seed(cfg.seed)  # the new head's first weights
-    model = load_model(cfg)  # build_model(), with a clear message if a download fails
+    model = build_model(len(classes), cfg.weights)
     freeze(model, cfg.freeze_until)
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
-    prepare = ImageNetInput(cfg.image_size).to(device)
+    inputs = ModelInput(cfg.image_size, cfg.seed).to(device)
     lrs = block_lrs(cfg.backbone_lr, cfg.layer_lr_decay, cfg.head_lr)
-    ## fused=True: one kernel (CUDA) or one C++ loop (CPU) updates every tensor, not a loop of ops.
-    optimizer = torch.optim.Adam(param_groups(model, lrs), fused=device.type in ("cuda", "cpu"))
+    ## fused=True: one kernel (GPU) or one C++ loop (CPU) updates every tensor, not a loop of ops.
+    optimizer = torch.optim.Adam(param_groups(model, lrs), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor)
-    run.start(model, optimizer, scaler, stopper, amp_dtype)  # config.json; a resume: last.pt
-    with stop_after_batch():  # Ctrl-C or SIGTERM: finish the batch, keep the files, stop
+    run = Run(cfg, model, optimizer, scaler, stopper, train_loader, inputs)  # its folder, or resume
+    try:
         for epoch in range(run.next_epoch, cfg.epochs + 1):
-            if stopper.should_stop:
-                break
             if epoch in cfg.unfreeze_schedule:
                 unfreeze(model, optimizer, cfg.unfreeze_schedule[epoch], lrs)
             started = time.perf_counter()
-            seed = epoch_seed(cfg.seed, epoch)
+            set_train_mode(model, cfg.frozen_bn)
             train_loss, train_acc = train_one_epoch(
-                model, train_loader, optimizer, scaler, prepare, seed, cfg.frozen_bn, amp_dtype
+                model, train_loader, optimizer, scaler, inputs, amp_dtype
             )
-            val_loss, confusion, _ = evaluate(model, val_loader, prepare, amp_dtype)
+            val_loss, confusion, _ = evaluate(model, val_loader, inputs, amp_dtype)
             improved = stopper.step(val_loss, accuracy(confusion), epoch)
-            ## The best epoch's weights go to best.pt: they are what we test at the end.
-            run.save_epoch(epoch, train_loss, train_acc, val_loss, confusion, started, improved)
-    print(f"\nstopped: {run.stop_reason()}")
-    if stopper.best_epoch is None or stop.signal == signal.SIGTERM:
-        return run.stop_without_test()
-    ## The test set is used once, on the weights that early stopping chose on the validation split:
-    ## choosing anything by test accuracy would make its score an optimistic guess.
+            if improved:  ## the best epoch's weights: the ones the test will use
+                save(model.state_dict(), run.dir / "best.pt")
+            run.log_epoch(epoch, train_loss, train_acc, val_loss, confusion, started, improved)
+            save(run.checkpoint(epoch), run.dir / "last.pt")  # what a resume needs: epoch complete
+            if stopper.should_stop:
+                break
+    except KeyboardInterrupt as interrupt:
+        ## Ctrl-C or SIGTERM drops the epoch under way (last.pt holds the last complete one).
+        run.interrupted = interrupt  # the best weights so far are tested, then how to resume
+        if stopper.best_epoch is None:
+            raise  # not one epoch complete: nothing to test
+    ## The test set is used once, on the weights early stopping chose: never choose by it.
     model.load_state_dict(torch.load(run.dir / "best.pt", map_location=device, weights_only=True))
-    test_loss, confusion, predictions = evaluate(model, test_loader, prepare, amp_dtype, "test")
-    return run.finish(classes, test_loss, confusion, test_set, predictions)
+    test_loss, confusion, predictions = evaluate(model, test_loader, inputs, amp_dtype, "test")
+    return run.finish(test_loss, confusion, test_set, predictions)
 
 
 # ==================================================================================================
 # The lesson ends here: on a first read, stop and go on with the README. Below is plumbing: the
-# command line, devices, data files and downloads, the run folder and resume, reports, signals.
+# command line, data files and downloads, the run folder and resume, files, reports, pictures.
 # ==================================================================================================
 SETTINGS = [
-    "DATA_DIR", "SEED", "VAL_FRACTION", "TRAIN_PER_CLASS", "IMAGE_SIZE", "WEIGHTS", "FREEZE_UNTIL",
-    "UNFREEZE_SCHEDULE", "FROZEN_BN", "BATCH_SIZE", "EPOCHS", "BACKBONE_LR", "LAYER_LR_DECAY",
-    "HEAD_LR", "MONITOR", "PATIENCE", "MIN_DELTA", "NUM_WORKERS", "OUTPUT_DIR",
+    "DATASET", "DATA_DIR", "SEED", "VAL_FRACTION", "TRAIN_PER_CLASS", "IMAGE_SIZE", "WEIGHTS",
+    "FREEZE_UNTIL", "UNFREEZE_SCHEDULE", "FROZEN_BN", "BATCH_SIZE", "EPOCHS", "BACKBONE_LR",
+    "LAYER_LR_DECAY", "HEAD_LR", "MONITOR", "PATIENCE", "MIN_DELTA", "NUM_WORKERS", "OUTPUT_DIR",
 ]  # fmt: skip
-CIFAR10_PER_CLASS = 5_000  # training images per class: the split is checked before any download
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+WHERE = ["DATA_DIR", "OUTPUT_DIR", "NUM_WORKERS"]  # where and how fast, not what: free on --resume
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+CIFAR10_PER_CLASS = 5_000  # training images per class: the splits are checked before any download
 DRY_RUN_BATCHES = 2  # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3  # --dry-run: epochs, unless --epochs is given or the schedule needs more
-SYNC_EVERY = 25  # read the losses back from the device every N batches (see Progress)
-LOG_EVERY = 30  # seconds between progress lines where the output is a log, not a terminal
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
-stop = SimpleNamespace(signal=None, after_batch=False)  # Ctrl-C and SIGTERM (see on_stop_signal)
+active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 
 
 class SettingError(Exception):
@@ -468,7 +559,12 @@ class SettingError(Exception):
 
 
 class RunError(Exception):
-    """Something outside the code went wrong (a download, a file, divergence): exit code 1."""
+    """Something outside the code went wrong (a download, a file): one line, exit code 1."""
+
+
+def command(*args):
+    """A command to paste: python fine_tuning.py ARGS, each quoted for the shell."""
+    return "python fine_tuning.py " + shlex.join(str(arg) for arg in args)
 
 
 # --- The command line: the constants are its defaults, so one path checks both --------------------
@@ -510,6 +606,14 @@ def folder(text):
     return Path(text).expanduser()
 
 
+def dataset_setting(text):
+    if text.upper() == "CIFAR10":
+        return "CIFAR10"
+    if not folder(text).is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is not allowed: expected CIFAR10 or a folder")
+    return str(folder(text))  # as given: a relative path moves with its project
+
+
 def schedule(text):
     """'5:layer2,10:layer1', or a dict's text "{5: 'layer2'}", as {5: 'layer2', 10: 'layer1'}."""
     plain = text.lower()
@@ -531,47 +635,22 @@ def schedule_text(plan):
 
 
 def weights_setting(text):
-    """IMAGENET1K_V1, none, or the absolute path of a file checked to hold ResNet18 weights."""
+    """IMAGENET1K_V1, none, or a file that load_backbone() takes: a ResNet18 state dict."""
     if text.lower() == "none":
         return "none"
     if text.upper() == "IMAGENET1K_V1":
         return "IMAGENET1K_V1"
-    path = Path(text).expanduser().absolute()
-    problem = weights_file_problem(path)
-    if problem:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a ResNet18 weights file"
-            f" ({problem})"
-        )
-    return str(path)
-
-
-def weights_file_problem(path):
-    """What keeps `path` from holding ResNet18 weights with finite values, or None."""
-    if not path.is_file():
-        return "no such file"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError):
-        return (
-            "torch.load(weights_only=True) refused it: it is damaged, not saved by torch.save,"
-            " or it holds Python objects, which could run code"
-        )
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return "not a state dict: save one with torch.save(model.state_dict(), path)"
-    expected = models.resnet18().state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        return f"not ResNet18's parameters: missing {missing[:2]}, unexpected {unexpected[:2]}"
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            return (
-                f"{key} has shape {list(tensor.shape)}, ResNet18's is {list(expected[key].shape)}"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return f"{key} holds nan or inf values"
-    return None
+        load_backbone(models.resnet18(), folder(text))
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError) as error:
+        # no such file; the strict load's missing, unknown or misshapen weights; pickled objects
+        # (which could run code) or a damaged file; a list or a tensor (it has no .items())
+        problem = textwrap.shorten(f"{type(error).__name__}: {error}", 240, placeholder=" ...")
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a file saved by"
+            f" torch.save(model.state_dict(), path) of a ResNet18 ({problem})"
+        ) from None
+    return str(folder(text))
 
 
 def constant_text(name):
@@ -589,43 +668,29 @@ class SettingsParser(argparse.ArgumentParser):
         # "argument --epochs: ..." -> "EPOCHS (--epochs): ...", the name a learner edits
         for name in SETTINGS:
             message = message.replace(f"argument {flag(name)}:", f"{name} ({flag(name)}):")
-        super().error(message)
+        raise SettingError(message)  # one line: --help has the usage
 
 
 def settings_parser():
-    parser = SettingsParser(
-        prog="fine_tuning.py",
-        allow_abbrev=False,
-        description="Fine-tune an ImageNet-pretrained ResNet18 on CIFAR-10. "
-        "Each option overrides the constant of its name at the top of fine_tuning.py.",
-    )
+    parser = SettingsParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     whole = "a whole number >= "
     rate = "a learning rate in (0, 1], e.g. "
     types = {
+        "DATASET": dataset_setting,
         "DATA_DIR": checked(
-            folder,
-            lambda path: path.name != "cifar-10-batches-py" and not path.is_file(),
-            "the folder that holds (or will hold) cifar-10-batches-py, not that folder itself",
+            folder, lambda path: path.name != "cifar-10-batches-py", "the folder that holds it"
         ),
         "SEED": checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"),
         "VAL_FRACTION": checked(float, lambda x: 0 < x < 1, "a number between 0 and 1, e.g. 0.1"),
-        "TRAIN_PER_CLASS": checked(
-            number_or("all"), lambda n: n == "all" or n >= 1, "all or " + whole + "1"
-        ),
+        "TRAIN_PER_CLASS": checked(number_or("all"), lambda n: n == "all" or n >= 1, "all or 1+"),
         "IMAGE_SIZE": checked(
-            number_or("auto"),
-            lambda n: n == "auto" or 32 <= n <= 512,
-            "auto or a whole number from 32 to 512",
+            number_or("auto"), lambda n: n == "auto" or 32 <= n <= 512, "auto or 32 to 512"
         ),
         "WEIGHTS": weights_setting,
         "FREEZE_UNTIL": one_of("none", *BLOCKS[:-1]),
-        "UNFREEZE_SCHEDULE": checked(
-            schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 3:layer2,6:layer1"
-        ),
+        "UNFREEZE_SCHEDULE": checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs"),
         "FROZEN_BN": one_of("eval", "train"),
-        "BATCH_SIZE": checked(
-            int, lambda n: n >= 2, whole + "2 (BatchNorm needs 2 images or more)"
-        ),
+        "BATCH_SIZE": checked(int, lambda n: n >= 2, whole + "2 (BatchNorm needs 2 images)"),
         "EPOCHS": checked(int, lambda n: n >= 1, whole + "1"),
         "BACKBONE_LR": checked(float, lambda x: 0 < x <= 1, rate + "1e-4 (above 1 is a typo)"),
         "LAYER_LR_DECAY": checked(float, lambda x: 0 < x <= 1, "a number in (0, 1], e.g. 0.5"),
@@ -633,67 +698,77 @@ def settings_parser():
         "MONITOR": one_of("val_loss", "val_acc"),
         "PATIENCE": checked(int, lambda n: n >= 1, whole + "1"),
         "MIN_DELTA": checked(float, lambda x: 0 <= x < math.inf, "a number >= 0"),
-        "NUM_WORKERS": checked(
-            number_or("auto"), lambda n: n == "auto" or n >= 0, "auto or " + whole + "0"
-        ),
+        "NUM_WORKERS": checked(number_or("auto"), lambda n: n == "auto" or n >= 0, "auto or 0+"),
         "OUTPUT_DIR": checked(folder, lambda path: not path.is_file(), "a folder"),
     }
     for name in SETTINGS:
         default = constant_text(name)
         parser.add_argument(
-            flag(name),
-            dest=name.lower(),
-            metavar=name,
-            type=types[name],
-            default=default,
-            help=f"default: {default}",
+            flag(name), type=types[name], default=default, help=f"default: {default}"
         )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help=f"check your setup offline in seconds: synthetic images, random weights,"
-        f" {DRY_RUN_BATCHES} batches per phase, {DRY_RUN_EPOCHS} epochs unless --epochs is given",
-    )
-    parser.add_argument(
-        "--run-name",
-        type=checked(
-            str, lambda name: re.fullmatch(r"\w[\w.+=-]*", name), "letters, digits and ._+=-"
-        ),
-        help="name of the run folder (default: the time and the settings)",
-    )
-    parser.add_argument("--resume", metavar="RUN_DIR", type=folder, help="continue a stopped run")
+    parser.add_argument("--dry-run", action="store_true", help="offline check in seconds")
+    name = checked(str, lambda text: re.fullmatch(r"\w[\w.+=-]*", text), "letters, digits, ._+=-")
+    parser.add_argument("--run-name", type=name, help="default: the time and the settings")
+    parser.add_argument("--resume", metavar="RUN_DIR", type=folder, help="go on with a run")
     return parser
 
 
 def parse_settings(argv=None):
     """The checked settings, named in lower case (cfg.epochs), as main() uses them."""
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    parser = settings_parser()
-    cfg = parser.parse_args(argv)
+    cfg, unknown = settings_parser().parse_known_args(argv)
+    if unknown:
+        known = [flag(name) for name in SETTINGS] + ["--dry-run", "--run-name", "--resume"]
+        nearest = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        hint = f": did you mean {nearest[0]}?" if nearest else ""
+        raise SettingError(f"unrecognized argument {unknown[0]}{hint} (--help lists them all)")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    if cfg.resume:
-        others = given - {"--resume", "--epochs"}
-        if others:
-            parser.error(
-                "--resume continues a run with its saved settings; only --epochs may change, not "
-                + ", ".join(sorted(others))
-            )
-        cfg.epochs_given = cfg.epochs if "--epochs" in given else None
-        return cfg  # open_run_folder() reads the saved settings from the run's last.pt
-    if cfg.image_size == "auto":
-        cfg.image_size = 224 if torch.cuda.is_available() else 32
-    if cfg.num_workers == "auto":
+    if cfg.num_workers == "auto":  # resolved at each start: a resume elsewhere gets its own
         cfg.num_workers = 2 if torch.cuda.is_available() else 0
-    if cfg.dry_run and "--epochs" not in given:
+    cfg.checkpoint = None
+    if cfg.resume:
+        read_saved_settings(cfg, given)
+    elif cfg.dry_run and "--epochs" not in given:
         cfg.epochs = min(cfg.epochs, max([DRY_RUN_EPOCHS, *cfg.unfreeze_schedule]))
     check_together(cfg)
     if cfg.dry_run:
         cfg.weights = "none"  # random weights: a dry run downloads nothing
+    cfg.weights_setting = cfg.weights  # for the records
+    if cfg.resume:
+        cfg.weights = "none"  # last.pt holds every weight: nothing to download or to read
     return cfg
 
 
+def read_saved_settings(cfg, given):
+    """A stopped run's settings, from its last.pt: where it runs, and how long, may change."""
+    free = {"--resume", "--epochs", "--dataset", *(flag(name) for name in WHERE)}
+    if given - free:
+        raise SettingError(
+            "--resume goes on with the run's own settings; only --epochs, --dataset, --data-dir,"
+            f" --output-dir and --num-workers may change, not {', '.join(sorted(given - free))}"
+        )
+    last = cfg.resume / "last.pt"
+    if not cfg.resume.is_dir():
+        raise SettingError(f"--resume: there is no folder {cfg.resume}")
+    if not last.exists() and (cfg.resume / "results.json").exists():
+        raise SettingError(f"--resume: {cfg.resume} has finished; see its results.json")
+    if not last.exists():
+        raise SettingError(f"--resume: {cfg.resume} holds no completed epoch to go on from")
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    for name, value in state["settings"].items():
+        if flag(name) not in given and name not in ("NUM_WORKERS", "OUTPUT_DIR"):
+            setattr(cfg, name.lower(), value)
+    cfg.data_dir = Path(cfg.data_dir)
+    if "--output-dir" not in given:
+        cfg.output_dir = cfg.resume.parent  # summary.csv beside the run folder, wherever it is
+    if "--epochs" in given and cfg.epochs <= state["epoch"]:
+        raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
+    cfg.dry_run = state["dry_run"]
+    cfg.checkpoint = state
+
+
 def check_together(cfg):
-    """The checks that need two settings, made on CIFAR-10's sizes (a dry run's too)."""
+    """The checks that need two settings, and CIFAR-10's splits, whose sizes are known."""
     frozen = []
     if cfg.freeze_until != "none":
         frozen = BLOCKS[: BLOCKS.index(cfg.freeze_until) + 1]
@@ -702,29 +777,11 @@ def check_together(cfg):
         if not 1 <= epoch <= cfg.epochs:
             raise SettingError(f"{pair}: epoch {epoch} is outside 1..{cfg.epochs} (EPOCHS)")
         if block not in frozen:
-            raise SettingError(
-                f"{pair}: {block} is trainable by then; name a block that is still frozen"
-            )
+            raise SettingError(f"{pair}: {block} is trainable by then; name a frozen block")
         frozen = frozen[: frozen.index(block)]  # that block and every block after it now train
-    n_val = round(CIFAR10_PER_CLASS * cfg.val_fraction)
-    if not 1 <= n_val < CIFAR10_PER_CLASS:
-        raise SettingError(
-            f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction} leaves {n_val} validation"
-            f" images of each class's {CIFAR10_PER_CLASS:,}; both splits must keep some"
-        )
-    per_class = CIFAR10_PER_CLASS - n_val
-    if cfg.train_per_class != "all" and cfg.train_per_class > per_class:
-        raise SettingError(
-            f"TRAIN_PER_CLASS (--train-per-class) = {cfg.train_per_class} is not allowed: only"
-            f" {per_class:,} training images per class remain after the validation split"
-        )
-    if cfg.train_per_class != "all":
-        per_class = cfg.train_per_class
-    if cfg.batch_size > NUM_CLASSES * per_class:
-        raise SettingError(
-            f"BATCH_SIZE (--batch-size) = {cfg.batch_size} is not allowed: the training split"
-            f" has only {NUM_CLASSES * per_class:,} images"
-        )
+    if cfg.dataset == "CIFAR10":
+        labels = torch.arange(10 * CIFAR10_PER_CLASS) % 10
+        check_splits(labels, CIFAR10_CLASSES, cfg, test_held_out=False)
     if cfg.weights == "none" and cfg.freeze_until != "none":
         print(
             f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until} keeps random blocks"
@@ -732,68 +789,80 @@ def check_together(cfg):
         )
 
 
+def check_splits(labels, classes, cfg, test_held_out):
+    """Whether the splits stratified_split() makes of these labels each keep images."""
+    if test_held_out:
+        labels = labels[stratified_split(labels, cfg.val_fraction)[0]]
+    kept, held_out = stratified_split(labels, cfg.val_fraction)
+    per_class = torch.bincount(labels[kept], minlength=len(classes))
+    fraction = f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction}"
+    if len(held_out) == 0:
+        raise SettingError(f"{fraction} leaves 0 validation images; both splits must keep some")
+    if per_class.min() == 0:
+        raise SettingError(f"{fraction} leaves {classes[per_class.argmin()]} no training image")
+    if cfg.train_per_class != "all" and cfg.train_per_class > per_class.max():
+        raise SettingError(
+            f"TRAIN_PER_CLASS (--train-per-class) = {cfg.train_per_class} is not allowed: only"
+            f" {per_class.max():,} training images per class remain after the validation split"
+        )
+    if cfg.train_per_class != "all":
+        per_class = per_class.clamp(max=cfg.train_per_class)
+    if cfg.batch_size > per_class.sum():
+        raise SettingError(
+            f"BATCH_SIZE (--batch-size) = {cfg.batch_size} is not allowed: the training split"
+            f" has only {per_class.sum():,} images"
+        )
+
+
 def settings_record(cfg):
     """The settings as this run uses them: config.json, last.pt and summary.csv."""
     record = {name: getattr(cfg, name.lower()) for name in SETTINGS}
-    record["DATA_DIR"] = str(cfg.data_dir.absolute())  # absolute: a resume works from anywhere
-    record["OUTPUT_DIR"] = str(cfg.output_dir.absolute())
+    record["WEIGHTS"] = cfg.weights_setting
+    record["DATA_DIR"] = str(cfg.data_dir)  # as given: relative paths move with the project
+    record["OUTPUT_DIR"] = str(cfg.output_dir)
     return record
 
 
-# --- Devices and precision ------------------------------------------------------------------------
-def choose_device(image_size):
-    """The device, and the autocast dtype by what the GPU has (None: float32)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    amp_dtype = None
-    name = ""
-    if device.type == "cuda":
-        # bf16 from compute capability 8.0 (A100, RTX 30xx and newer); fp16 and the gradient scaler
-        # on 7.x (V100, T4, RTX 20xx), where cuDNN has no bf16 convolutions; below 7.0, float32.
-        major, minor = torch.cuda.get_device_capability(device)
-        if major >= 8:
-            amp_dtype = torch.bfloat16
-        elif major == 7:
-            amp_dtype = torch.float16
-        name = f" ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: time the algorithms once
-    precision = str(amp_dtype or torch.float32).replace("torch.", "")
-    print(f"device: {device}{name}   image size: {image_size}px   precision: {precision}")
-    return device, amp_dtype
-
-
-# --- Data files and downloads ---------------------------------------------------------------------
+# --- Data: CIFAR-10 and its download, a folder of images ------------------------------------------
 def load_data(cfg):
-    """CIFAR-10 (with --dry-run, its synthetic twin) split into train, validation and test sets."""
-    if cfg.dry_run:
+    """CIFAR-10 (with --dry-run, its synthetic twin) or a folder of images, in three splits. What
+    the data decides goes into cfg: the size IMAGE_SIZE "auto" stands for, the class names."""
+    held_out = ""
+    if cfg.dataset != "CIFAR10":
+        full_train_set, test_set, held_out = read_folder(cfg)
+    elif cfg.dry_run:
         print(f"dry run: synthetic images, random weights, {DRY_RUN_BATCHES} batches per phase")
-        full_train_set, test_set, classes = synthetic_cifar10(cfg.seed)
+        full_train_set, test_set, cfg.classes = synthetic_cifar10(cfg.seed)
     else:
-        archive = cfg.data_dir / datasets.CIFAR10.filename
-        source = "https://www.cs.toronto.edu/~kriz/cifar.html"
-        hint = f"put {archive.name} (from {source}) in {cfg.data_dir}"
-        with download_errors("CIFAR-10", hint, "DATA_DIR (--data-dir)", archive):
-            full_train_set, test_set, classes = load_cifar10(cfg.data_dir)
-    train_set, val_set = split_train_val(
-        full_train_set, cfg.val_fraction, cfg.seed, cfg.train_per_class
-    )
+        full_train_set, test_set, cfg.classes = download_cifar10(cfg.data_dir)
+    stored = full_train_set.tensors[0].shape[-1]
+    if cfg.image_size == "auto":
+        cfg.image_size = auto_image_size(stored)
+    train_set, val_set = split_off(full_train_set, cfg.val_fraction, cfg.train_per_class)
     cfg.val_images = len(val_set)
     kept = ""
     if cfg.train_per_class != "all":
         kept = f" ({cfg.train_per_class} per class)"
+    seen = ""
+    if cfg.image_size != stored:
+        seen = f", the model sees {cfg.image_size} px"
     print(
-        f"data: {len(train_set):,} train{kept} / {len(val_set):,} validation"
-        f" / {len(test_set):,} test images, {len(classes)} classes"
+        f"data: {len(train_set):,} train{kept} / {len(val_set):,} validation / {len(test_set):,}"
+        f" test{held_out} images, {len(cfg.classes)} classes, {stored} px{seen}"
     )
     if cfg.dry_run:  # the first batches of each set
         train_set = first_images(train_set, DRY_RUN_BATCHES * cfg.batch_size)
         val_set = first_images(val_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
         test_set = first_images(test_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
-    return train_set, val_set, test_set, classes
+    return train_set, val_set, test_set, cfg.classes
+
+
+def auto_image_size(own_size):
+    """IMAGE_SIZE "auto": ImageNet's 224 px on CUDA; elsewhere the images' own size, up to 224
+    (CIFAR-10 at 224 px costs a CPU 27x the time of 32 px: README, Speed)."""
+    if torch.cuda.is_available():
+        return 224
+    return min(224, own_size)
 
 
 def first_images(dataset, n):
@@ -802,102 +871,157 @@ def first_images(dataset, n):
 
 def synthetic_cifar10(seed):
     """Class-tinted noise of CIFAR-10's size (50,000 + 10,000 images): something to learn."""
-    rng = np.random.default_rng(seed)
-    tints = rng.integers(0, 128, (NUM_CLASSES, 3, 1, 1), dtype=np.uint8)
+    generator = torch.Generator().manual_seed(seed)
+    tints = torch.randint(0, 128, (10, 3, 1, 1), generator=generator, dtype=torch.uint8)
     sets = []
-    for n in (NUM_CLASSES * CIFAR10_PER_CLASS, 10_000):
-        labels = np.arange(n) % NUM_CLASSES
-        images = rng.integers(0, 128, (n, 3, 32, 32), dtype=np.uint8) + tints[labels]
-        sets.append(TensorDataset(torch.from_numpy(images), torch.from_numpy(labels).long()))
-    return sets[0], sets[1], CLASSES
+    for n in (10 * CIFAR10_PER_CLASS, 10_000):
+        labels = torch.arange(n) % 10
+        noise = torch.randint(0, 128, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        sets.append(TensorDataset(noise + tints[labels], labels))
+    return sets[0], sets[1], CIFAR10_CLASSES
 
 
-def load_model(cfg):
-    """build_model(), with a failed download of ImageNet's weights as one line."""
-    if cfg.weights == "IMAGENET1K_V1":
-        print("model: ResNet18 with ImageNet weights (IMAGENET1K_V1), new 10-class head")
-    elif cfg.weights == "none":
-        print("model: ResNet18 with random weights, new 10-class head")
-    else:
-        print(f"model: ResNet18 with the weights in {cfg.weights}, new 10-class head")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
-    hint = (
-        f"put {cached.name} ({IMAGENET.url}) in {cached.parent}, or pass its path: --weights PATH"
-    )
-    with download_errors(
-        "the ImageNet weights", hint, "the TORCH_HOME environment variable", cached
-    ):
-        return build_model(cfg.weights)
-
-
-@contextmanager
-def download_errors(what, hint, setting, target):
-    """A failed download as one line: a folder we may not write, a full disk, no network."""
+def download_cifar10(data_dir):
+    """load_cifar10(), with a failed download as one line."""
+    archive = data_dir / datasets.CIFAR10.filename
     try:
-        yield
-    except PermissionError as error:
+        return load_cifar10(data_dir)
+    except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
         raise RunError(
-            f"could not download {what}: permission denied for {error.filename}. Set {setting}"
-            " to a folder of your own"
-        ) from None
-    except OSError as error:  # urllib's URLError too: no network, a proxy, an SSL or HTTP error
-        if error.errno == errno.ENOSPC:
-            raise RunError(
-                f"could not download {what}: the disk is full. Free some space, or set {setting}"
-            ) from None
-        reason = error.strerror or error
-        if isinstance(error, urllib.error.URLError):
-            reason = error.reason
-        raise RunError(
-            f"could not download {what} ({reason}). Without internet, {hint}."
+            f"could not download CIFAR-10 ({error.reason}). Without internet, put {archive.name}"
+            f" (from https://www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}."
             " `python fine_tuning.py --dry-run` works offline."
         ) from None
-    except RuntimeError as error:  # torchvision's md5 check, or torch.hub's hash check, failed
+    except RuntimeError as error:  # torchvision's md5 check failed
         raise RunError(
-            f"the download of {what} failed its check ({error}): delete {target}, run again"
+            f"the download of CIFAR-10 failed its check ({error}): delete {archive}"
         ) from None
 
 
-# --- The run folder: made or resumed, locked, saved each epoch, finished or left ------------------
+def read_folder(cfg):
+    """A folder with train/ (and test/, or else a test split is held out), or with the class
+    folders alone: checked, then read by load_image_folder()."""
+    root = Path(cfg.dataset)
+    train_root = root
+    test_root = None
+    if (root / "train").is_dir():
+        train_root = root / "train"
+        for name in ("val", "test"):  # PyTorch's tutorial calls its test folder val/
+            if (root / name).is_dir():
+                test_root = root / name
+    listing = list_images(train_root)
+    cfg.classes = listing.classes
+    count = len(listing)
+    if test_root is not None:
+        count += len(list_images(test_root, listing.classes))
+    ## Photos are stored at IMAGE_SIZE, smaller images at their own size (the median of 9 or so):
+    ## a 32 px image upsampled in memory would take 49x the room for nothing.
+    every = max(1, len(listing) // 9)
+    sides = [min(open_rgb(path).size) for path, _ in listing.samples[::every]]
+    own_size = int(statistics.median(sides))
+    if cfg.image_size == "auto":
+        cfg.image_size = auto_image_size(own_size)
+    stored = min(cfg.image_size, own_size)
+    check_memory(count, stored, root)
+    check_splits(torch.tensor(listing.targets), listing.classes, cfg, test_root is None)
+    if cfg.dry_run:
+        print(f"dry run: your images, random weights, {DRY_RUN_BATCHES} batches per phase")
+    full_train_set, _ = load_image_folder(train_root, stored)
+    if test_root is None:
+        full_train_set, test_set = split_off(full_train_set, cfg.val_fraction)
+        return full_train_set, test_set, " (held out)"
+    test_set, _ = load_image_folder(test_root, stored)
+    return full_train_set, test_set, f" ({test_root.name}/)"
+
+
+def list_images(folder, classes=None):
+    """ImageFolder's listing (no image is read yet), or one line on what is wrong with it."""
+    try:
+        listing = datasets.ImageFolder(folder, loader=open_rgb)
+    except FileNotFoundError as error:  # no class folder, or a class folder without images
+        raise SettingError(f"DATASET (--dataset): {error}") from None
+    if len(listing.classes) < 2:
+        raise SettingError(
+            f"DATASET (--dataset): {folder} has one class folder, {listing.classes[0]}; a"
+            " classifier needs two or more"
+        )
+    if classes is not None and listing.classes != classes:
+        raise SettingError(
+            f"DATASET (--dataset): the class folders of {folder} ({', '.join(listing.classes)})"
+            f" must be those of train/ ({', '.join(classes)})"
+        )
+    return listing
+
+
+def open_rgb(path):
+    """ImageFolder's loader: the image in RGB, or one line naming a file that is not an image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
+        raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None
+
+
+def check_memory(count, size, root):
+    """A folder whose images, at `size` px, would fill more than half of the memory: one line."""
+    if "SC_PHYS_PAGES" not in getattr(os, "sysconf_names", {}):
+        return  # Windows does not say
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = count * 3 * size * size
+    if needed > memory / 2:
+        fits = math.isqrt(int(memory / 2 / (count * 3)))
+        raise SettingError(
+            f"DATASET (--dataset): the {count:,} images of {root} need {needed / 1e9:.1f} GB at"
+            f" {size} px, more than half of this machine's {memory / 1e9:.1f} GB. Set a smaller"
+            f" IMAGE_SIZE (--image-size): {fits} px fits"
+        )
+
+
+# --- The run: its folder, made or resumed, a row per epoch, the checkpoint, the results -----------
 class Run:
     """A run's folder and what it keeps: config.json, history.csv, best.pt, last.pt, results."""
 
-    def __init__(self, cfg, run_dir, new):
+    def __init__(self, cfg, model, optimizer, scaler, stopper, train_loader, inputs):
+        """Make this run's folder (or take the stopped run's, and restore its state), write
+        config.json, print the block table, and draw inputs.png."""
         self.cfg = cfg
-        self.dir = run_dir
-        self.new = new  # made by this process: removed again if no epoch completes
-        self.checkpoint = None  # a resumed run's last.pt, until start() restores it
-        self.history = []
-        self.next_epoch = 1
-        self.lock = FileLock(run_dir / ".lock", timeout=0)
-        self.printed_header = False
-
-    def start(self, model, optimizer, scaler, stopper, amp_dtype):
-        """Write config.json (a resumed run first restores its state from last.pt) and print the
-        block table. save_epoch() and finish() then work on these objects."""
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
         self.stopper = stopper
-        if self.checkpoint is not None:
-            self.resume()
-        config = dict(
-            run=self.dir.name, dry_run=self.cfg.dry_run, settings=settings_record(self.cfg)
-        )
-        config["device"] = str(next(model.parameters()).device)
-        config["precision"] = str(amp_dtype or torch.float32)
-        config["torch"] = torch.__version__
-        config["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with atomic_write(self.dir / "config.json") as file:
-            file.write(json.dumps(config, indent=2).encode())
+        self.train_set = train_loader.dataset
+        self.shuffle = train_loader.sampler.generator
+        self.inputs = inputs
+        self.device = next(model.parameters()).device.type
+        self.history = []
+        self.next_epoch = 1
+        self.interrupted = None  # the KeyboardInterrupt that stopped training, if one did
+        self.new = cfg.resume is None  # made by this process: removed if no epoch completes
+        self.dir = cfg.resume or make_run_folder(cfg)
+        active.run = self
+        if cfg.checkpoint is not None:
+            self.restore(cfg.checkpoint)
+            cfg.checkpoint = None  # copied into the model and optimizer: not kept for the run
+        config = dict(run=self.dir.name, dry_run=cfg.dry_run, settings=settings_record(cfg))
+        config.update(classes=cfg.classes, device=self.device, torch=torch.__version__)
+        write_file(self.dir / "config.json", json.dumps(config, indent=2).encode())
         print(f"run folder: {self.dir}")
-        print_blocks(model, optimizer, self.cfg.frozen_bn)
+        starts = {"IMAGENET1K_V1": "ImageNet weights (IMAGENET1K_V1)", "none": "random weights"}
+        start = starts.get(cfg.weights_setting, f"the weights in {cfg.weights_setting}")
+        print(f"model: ResNet18, {start}, new {len(cfg.classes)}-class head")
+        print_blocks(model, optimizer, cfg.frozen_bn)
+        if self.new:
+            draw_inputs(self)
 
-    def resume(self):
-        state = self.checkpoint
-        self.checkpoint = None  # copied into the model and optimizer: not kept for the run
-        lrs = block_lrs(self.cfg.backbone_lr, self.cfg.layer_lr_decay, self.cfg.head_lr)
-        for epoch, block in self.cfg.unfreeze_schedule.items():
+    def restore(self, state):
+        cfg = self.cfg
+        if state["classes"] != cfg.classes:
+            raise SettingError(
+                f"--resume: the run learned the classes {', '.join(state['classes'])};"
+                f" DATASET (--dataset) {cfg.dataset} has {', '.join(cfg.classes)}"
+            )
+        lrs = block_lrs(cfg.backbone_lr, cfg.layer_lr_decay, cfg.head_lr)
+        for epoch, block in cfg.unfreeze_schedule.items():
             if epoch <= state["epoch"]:  # the same parameter groups, in the same order
                 unfreeze(self.model, self.optimizer, block, lrs)
         self.model.load_state_dict(state["model"])
@@ -905,12 +1029,22 @@ class Run:
         if self.scaler.is_enabled() and state["scaler"]:  # it may resume on another precision
             self.scaler.load_state_dict(state["scaler"])
         vars(self.stopper).update(state["early_stopping"])
+        self.shuffle.set_state(state["shuffle"])
+        self.inputs.generator.set_state(state["augment"])
         self.history = state["history"]
         self.next_epoch = state["epoch"] + 1
+        if self.stopper.should_stop:  # it stopped early, then was interrupted during its test
+            self.next_epoch = cfg.epochs + 1
         print(f"resuming {self.dir} after epoch {state['epoch']}")
+        if state["device"] != self.device:
+            print(
+                f"note: this run trained on {state['device']}; here, on {self.device}, it keeps its"
+                f" image size ({cfg.image_size} px) and takes this device's precision (above). Its"
+                f" last epoch took {self.history[-1]['seconds']:.0f} s there."
+            )
 
-    def save_epoch(self, epoch, train_loss, train_acc, val_loss, confusion, started, improved):
-        """history.csv and best.pt, then last.pt: once last.pt is written, the epoch is complete."""
+    def log_epoch(self, epoch, train_loss, train_acc, val_loss, confusion, started, improved):
+        """A row of history.csv, and of the epoch table."""
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss)
         row["val_acc"] = accuracy(confusion)
         for group in self.optimizer.param_groups:
@@ -918,224 +1052,114 @@ class Run:
         row["seconds"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
         write_csv(self.dir / "history.csv", HISTORY, self.history)
-        if improved:
-            with atomic_write(self.dir / "best.pt") as file:
-                torch.save(self.model.state_dict(), file)
-        state = dict(
-            epoch=epoch, model=self.model.state_dict(), optimizer=self.optimizer.state_dict()
-        )
-        state["scaler"] = self.scaler.state_dict()
-        state["early_stopping"] = vars(self.stopper)
-        state["history"] = self.history
-        state["settings"] = settings_record(self.cfg)
-        state["dry_run"] = self.cfg.dry_run
-        with atomic_write(self.dir / "last.pt") as file:
-            torch.save(state, file)
-        self.print_row(row, improved)
-
-    def print_row(self, row, improved):
-        if not self.printed_header:
-            print(
-                f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}"
-                f"{'val acc':>9}{'time':>8}"
-            )
-            self.printed_header = True
-        losses = f"{row['train_loss']:>12.4f}{row['train_acc']:>11.2%}{row['val_loss']:>10.4f}"
+        if len(self.history) == 1 or epoch == self.next_epoch:
+            print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}", end="")
+            print(f"{'val acc':>9}{'time':>8}")
+        losses = f"{train_loss:>12.4f}{train_acc:>11.2%}{val_loss:>10.4f}{row['val_acc']:>9.2%}"
         best = "  * best" if improved else ""
-        print(
-            f"{row['epoch']:>5}{losses}{row['val_acc']:>9.2%}{row['seconds']:>7.1f}s{best}",
-            flush=True,
+        print(f"{epoch:>5}{losses}{row['seconds']:>7.1f}s{best}", flush=True)
+
+    def checkpoint(self, epoch):
+        """last.pt: what a resume needs to go on as if never stopped (on the CPU, exactly)."""
+        return dict(
+            epoch=epoch,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            early_stopping=dict(vars(self.stopper)),
+            shuffle=self.shuffle.get_state(),
+            augment=self.inputs.generator.get_state(),
+            history=self.history,
+            settings=settings_record(self.cfg),
+            classes=self.cfg.classes,
+            dry_run=self.cfg.dry_run,
+            device=self.device,
         )
 
     def stop_reason(self):
         cfg = self.cfg
-        done = 0
-        if self.history:
-            done = self.history[-1]["epoch"]
-        if self.stopper.should_stop:
-            reason = (
-                f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
-                f" by at least {cfg.min_delta:g} for {self.stopper.bad_epochs} epochs"
-                f" (PATIENCE = {cfg.patience})"
-            )
-            skipped = [
-                f"{epoch}:{block}" for epoch, block in cfg.unfreeze_schedule.items() if epoch > done
-            ]
-            if skipped:
-                reason += f"; the scheduled unfreezing {', '.join(skipped)} did not happen"
-            return reason
-        if done == cfg.epochs:
+        if self.interrupted is not None:
+            return f"interrupted ({(self.interrupted.args or ['Ctrl-C'])[0]})"
+        if not self.stopper.should_stop:
             return f"all epochs ran (EPOCHS = {cfg.epochs})"
-        return "interrupted"
+        done = self.history[-1]["epoch"]
+        skipped = [f"{epoch}:{block}" for epoch, block in cfg.unfreeze_schedule.items()]
+        skipped = [pair for pair in skipped if int(pair.split(":")[0]) > done]
+        reason = (
+            f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
+            f" by at least {cfg.min_delta:g} for {self.stopper.bad_epochs} epochs"
+            f" (PATIENCE = {cfg.patience})"
+        )
+        if skipped:
+            reason += f"; the scheduled unfreezing {', '.join(skipped)} did not happen"
+        return reason
 
-    def stop_without_test(self):
-        """Stopped before any test: say what is kept and how to go on."""
-        return stopped_message()
-
-    def finish(self, classes, test_loss, confusion, test_set, predictions):
+    def finish(self, test_loss, confusion, test_set, predictions):
         """Print and save the test results; a finished run joins summary.csv and is compared."""
         cfg = self.cfg
-        best_epoch = self.stopper.best_epoch
-        reason = self.stop_reason()
-        best = next(row for row in self.history if row["epoch"] == best_epoch)
-        test_acc = accuracy(confusion)
-        minutes = sum(row["seconds"] for row in self.history) / 60
+        best = next(row for row in self.history if row["epoch"] == self.stopper.best_epoch)
+        results = dict(test_loss=test_loss, test_acc=accuracy(confusion))
+        results.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"])
+        results.update(epochs_run=self.history[-1]["epoch"], stop_reason=self.stop_reason())
+        results["minutes"] = round(sum(row["seconds"] for row in self.history) / 60, 2)
+        print(f"\nstopped: {results['stop_reason']}")
         print(
-            f"test loss {test_loss:.4f}   test accuracy {test_acc:.2%}   (the weights of epoch"
-            f" {best_epoch}, the best {cfg.monitor}, from best.pt; their validation accuracy:"
-            f" {best['val_acc']:.2%})"
+            f"test loss {test_loss:.4f}   test accuracy {results['test_acc']:.2%}   (the weights"
+            f" of epoch {best['epoch']}, the best {cfg.monitor}, from best.pt; their validation"
+            f" accuracy: {best['val_acc']:.2%})"
         )
-        results = dict(test_loss=test_loss, test_acc=test_acc)
-        results["per_class_acc"] = print_report(confusion, classes)
-        results["confusion_matrix"] = confusion.tolist()
-        results["classes"] = classes
-        results["best_epoch"] = best_epoch
-        results["best_val_acc"] = best["val_acc"]
-        results["epochs_run"] = self.history[-1]["epoch"]
-        results["stop_reason"] = reason
-        results["train_minutes"] = round(minutes, 2)
-        with atomic_write(self.dir / "results.json") as file:
-            file.write(json.dumps(results, indent=2).encode())
-        save_pictures(self, best_epoch, classes, test_set, predictions)
-        if reason == "interrupted":
-            print("\n(interrupted run: not added to summary.csv)")
-            return stopped_message()
+        results["per_class_acc"] = print_report(confusion, cfg.classes)
+        results.update(confusion_matrix=confusion.tolist(), classes=cfg.classes)
+        write_file(self.dir / "results.json", json.dumps(results, indent=2).encode())
+        save_pictures(self, test_set, predictions)
+        if self.interrupted is not None:
+            print("\n(interrupted run: not added to summary.csv)" + next_step())
+            return exit_code(self.interrupted)
         if cfg.dry_run:
             print("\n(dry run: not added to summary.csv)")
         else:
-            row = dict(
-                run=self.dir.name, **settings_record(cfg), best_val_acc=round(best["val_acc"], 4)
-            )
+            row = dict(run=self.dir.name, **settings_record(cfg), val_images=cfg.val_images)
             row["UNFREEZE_SCHEDULE"] = schedule_text(cfg.unfreeze_schedule)  # as the flag reads
-            row["test_acc"] = round(test_acc, 4)
-            row["val_images"] = cfg.val_images
-            row["epochs_run"] = self.history[-1]["epoch"]
-            row["minutes"] = round(minutes, 2)
+            for key in ("best_val_acc", "test_acc", "epochs_run", "minutes"):
+                row[key] = round(results[key], 4)
             print_runs(add_to_summary(cfg.output_dir, row))
         (self.dir / "last.pt").unlink()  # only needed to resume: a finished run keeps best.pt
         print(f"\nfiles in {files_in(self.dir)}")
         return 0
 
 
-def open_run_folder(cfg):
-    """This run's folder, locked while the process lives: a new OUTPUT_DIR/<name>, or the folder
-    given to --resume, whose last.pt then supplies the settings."""
-    if cfg.resume:
-        return resume_run_folder(cfg)
-    if cfg.run_name:
-        run_dir = cfg.output_dir / cfg.run_name
-        if run_dir.exists():
-            hint = ""
-            if (run_dir / "last.pt").exists():
-                hint = f", or continue it: python fine_tuning.py --resume {run_dir}"
-            raise SettingError(f"--run-name: {run_dir} already exists; choose another name{hint}")
-        make_folder(run_dir)
-    else:
-        run_dir = new_default_folder(cfg)
-    run = Run(cfg, run_dir, new=True)
-    run.lock.acquire()
-    claimed.run = run
-    return run
+def make_run_folder(cfg):
+    """OUTPUT_DIR/<run name>, made by this process: mkdir is atomic, so of two runs started in the
+    same second each gets a folder of its own (-2, -3...)."""
+    name = cfg.run_name or default_run_name(cfg)
+    run_dir = cfg.output_dir / name
+    number = 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            if cfg.run_name:
+                raise SettingError(f"--run-name: {run_dir} exists; choose another name") from None
+        except OSError as error:
+            raise SettingError(
+                f"OUTPUT_DIR (--output-dir): cannot make {run_dir}: {error}"
+            ) from None
+        number += 1
+        run_dir = cfg.output_dir / f"{name}-{number}"
 
 
 def default_run_name(cfg):
     if cfg.dry_run:
         return time.strftime("%m%d-%H%M%S_dry-run")
-    parts = [
-        time.strftime("%m%d-%H%M%S"),
-        cfg.freeze_until,
-        f"{cfg.backbone_lr:.0e}",
-        f"{cfg.head_lr:.0e}",
-    ]
+    parts = [time.strftime("%m%d-%H%M%S")]
+    if cfg.dataset != "CIFAR10":
+        parts.append(Path(cfg.dataset).name)
+    parts += [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}"]
     parts.append(f"{cfg.image_size}px")
-    if cfg.weights == "none":
+    if cfg.weights_setting == "none":
         parts.append("scratch")
     return "_".join(parts)
-
-
-def new_default_folder(cfg):
-    """OUTPUT_DIR/<time and settings>, with -2, -3... when another run took that name."""
-    name = default_run_name(cfg)
-    number = 1
-    while True:
-        run_dir = cfg.output_dir / name
-        if number > 1:
-            run_dir = cfg.output_dir / f"{name}-{number}"
-        if make_folder(run_dir, exist_ok=True):
-            return run_dir
-        number += 1
-
-
-def make_folder(run_dir, exist_ok=False):
-    """mkdir: True if this process made it (atomic: of two processes, one does)."""
-    try:
-        run_dir.mkdir(parents=True)
-    except FileExistsError:
-        if exist_ok:
-            return False
-        raise SettingError(f"--run-name: {run_dir} already exists; choose another name") from None
-    except OSError as error:
-        raise SettingError(
-            f"OUTPUT_DIR (--output-dir): cannot make {run_dir}: {error.strerror}"
-        ) from None
-    return True
-
-
-def resume_run_folder(cfg):
-    """Lock the run folder to resume and read its settings from its last.pt."""
-    run_dir = cfg.resume
-    if not (run_dir / "last.pt").is_file():
-        if (run_dir / "results.json").is_file():
-            raise SettingError(f"--resume: {run_dir} has finished; its results are in results.json")
-        raise SettingError(f"--resume: {run_dir} holds no completed epoch of a run to continue")
-    run = Run(cfg, run_dir, new=False)
-    try:
-        run.lock.acquire()
-    except Timeout:
-        raise SettingError(f"--resume: another process is training in {run_dir} now") from None
-    claimed.run = run
-    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    for name, value in state["settings"].items():
-        setattr(cfg, name.lower(), value)
-    cfg.data_dir = Path(cfg.data_dir)
-    cfg.output_dir = Path(cfg.output_dir)
-    cfg.dry_run = state["dry_run"]
-    if cfg.epochs_given is not None:
-        if cfg.epochs_given <= state["epoch"]:
-            raise SettingError(
-                f"EPOCHS (--epochs) = {cfg.epochs_given}: the run has done {state['epoch']}"
-                " epochs; give more"
-            )
-        cfg.epochs = cfg.epochs_given
-    check_together(cfg)
-    run.checkpoint = state
-    return run
-
-
-claimed = SimpleNamespace(run=None)  # the run folder this process holds
-
-
-def leave_run_folder():
-    """Unlock the run folder; a new run that completed no epoch removes it whole."""
-    run = claimed.run
-    claimed.run = None
-    if run is None:
-        return
-    run.lock.release()
-    if run.new and not (run.dir / "last.pt").exists() and not (run.dir / "results.json").exists():
-        shutil.rmtree(run.dir)  # made by this process, and nothing in it worth keeping
-
-
-def stopped_message():
-    """What a stop keeps, and the command that continues it; the exit code of the signal."""
-    run = claimed.run
-    if run is not None and (run.dir / "last.pt").exists():
-        print(
-            f"\nkept in {files_in(run.dir)}\nresume with: python fine_tuning.py --resume {run.dir}"
-        )
-    elif run is not None and run.new and not (run.dir / "results.json").exists():
-        print("\nno epoch was completed: nothing to test or to resume; run the same command again.")
-    return 128 + (stop.signal or signal.SIGINT)
 
 
 def files_in(folder):
@@ -1143,19 +1167,38 @@ def files_in(folder):
     return f"{folder}: {' '.join(names)}"
 
 
-# --- Files: every write is atomic, so a crash or a full disk never leaves half a file -------------
-@contextmanager
-def atomic_write(path):
-    """A file opened for writing under a temporary name, renamed over `path` once complete:
-    readers see the old file or the new one, never half of one."""
+def next_step():
+    """What a stop keeps, and the command that goes on from it."""
+    run = active.run
+    if run is not None and (run.dir / "last.pt").exists():
+        return f"\nkept in {files_in(run.dir)}\nresume with: {command('--resume', run.dir)}"
+    return "\nno epoch was completed: nothing to test or to resume; run the same command again."
+
+
+def exit_code(interrupt):
+    return 128 + (signal.SIGTERM if interrupt.args == ("SIGTERM",) else signal.SIGINT)
+
+
+# --- Files: every write is atomic, so a crash, Ctrl-C or a full disk never leaves half a file -----
+def save(obj, path):
+    """torch.save(obj, path), atomically. Serialised in memory first: within torch.save, a full
+    disk's OSError turns into an unreadable RuntimeError ("unexpected pos")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_file(path, buffer.getbuffer())
+
+
+def write_file(path, data):
+    """Write `data` under a temporary name, then rename it over `path`: readers see the old file
+    or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as file:
-            yield file
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:  # torch.save too lets the file's own error through (2.5 to 2.14)
+    except OSError as error:
         raise write_error(path, error) from None
     finally:
         temporary.unlink(missing_ok=True)
@@ -1165,42 +1208,136 @@ def write_error(path, error):
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return RunError(f"could not write {path}: {error.strerror}")
     then = "then run the same command again"
-    run = claimed.run
+    run = active.run
     if run is not None and (run.dir / "last.pt").exists():
-        then = f"then resume: python fine_tuning.py --resume {run.dir}"
+        then = f"then resume: {command('--resume', run.dir)}"
     return RunError(
         f"the disk is full: could not write {path}. The files of the last completed epoch are"
         f" intact: free some space, {then}"
     )
 
 
-def write_csv(path, columns, rows):
+def csv_text(columns, rows, dialect="excel", header=True):
     text = io.StringIO()
-    writer = csv.DictWriter(text, columns, restval="", extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    writer = csv.DictWriter(text, columns, restval="", dialect=dialect, lineterminator="\n")
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
-    with atomic_write(path) as file:
-        file.write(text.getvalue().encode())
+    return text.getvalue()
 
 
+def write_csv(path, columns, rows):
+    write_file(path, csv_text(columns, rows).encode())
+
+
+# --- summary.csv: a row per finished run, in a file that is the learner's too ---------------------
 def add_to_summary(output_dir, row):
-    """Add this run's row to OUTPUT_DIR/summary.csv, one process at a time. Returns every row."""
+    """Append this run's row to OUTPUT_DIR/summary.csv in one write, so that runs finishing
+    together lose none, in the file's own layout (a spreadsheet's semicolons, say). A file this
+    cannot read is moved aside. Returns the file's rows."""
     path = output_dir / "summary.csv"
     row = {key: str(value) for key, value in row.items()}  # as read back: text
-    with FileLock(output_dir / ".summary.csv.lock"):
-        rows = []
-        columns = list(row)
-        if path.exists():
-            with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: as Excel saves it
-                reader = csv.DictReader(file)
-                rows = [old for old in reader if old.get("run") != row["run"]]
-                columns += [name for name in reader.fieldnames or [] if name not in row]
-        rows.append(row)
-        write_csv(path, columns, rows)
-    return rows
+    rows, columns, dialect, text = read_summary(path, row)
+    if not rows:
+        text = csv_text(list(row), [row])
+    elif text.endswith("\n"):
+        text = csv_text(columns, [row], dialect, header=False)
+    else:  # a spreadsheet may leave out the last line's end
+        text = "\n" + csv_text(columns, [row], dialect, header=False)
+    try:
+        with open(path, "a", encoding="utf-8", newline="") as file:
+            file.write(text)
+    except OSError as error:
+        raise write_error(path, error) from None
+    return rows + [row]
 
 
-# --- Reports: the block table, results per class, pictures, the runs so far -----------------------
+def read_summary(path, row):
+    """summary.csv's (rows, columns, dialect, text), with a byte-order mark, semicolons or tabs.
+    A file without a column this run fills is moved aside, never overwritten, with one line."""
+    if not path.exists():
+        return [], [], "excel", ""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: the byte-order mark Excel writes
+        dialect = csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t")
+        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+        rows = list(reader)
+        missing = [name for name in row if name not in reader.fieldnames]
+    except (UnicodeDecodeError, csv.Error) as error:
+        missing = [f"any ({error})"]
+    if missing:
+        aside = path.with_name(f"summary.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        path.rename(aside)
+        print(
+            f"note: {path} lacks the column {missing[0]}: moved to {aside.name}; a new one starts"
+        )
+        return [], [], "excel", ""
+    return rows, reader.fieldnames, dialect, text
+
+
+def number(text):
+    """A figure as a spreadsheet may save it: '0.853', '85.3%', '0,853'. None if it is none."""
+    text = (text or "").strip().replace(",", ".")
+    scale = 1
+    if text.endswith("%"):
+        text = text[:-1]
+        scale = 100
+    try:
+        return float(text) / scale
+    except ValueError:
+        return None
+
+
+def print_runs(rows, shown=8):
+    """The last runs of summary.csv, each with the settings where it differs from this one; then
+    this run against the earlier run on the same data that differs from it least."""
+    runs = [row for row in rows if number(row.get("best_val_acc")) is not None]  # no notes rows
+    now = runs[-1]
+    names = [name for name in SETTINGS if name not in WHERE]
+    changes = [[name for name in names if row.get(name) != now[name]] for row in runs]
+    print(
+        f"\nruns so far (the last {min(shown, len(runs))} of {len(runs)} in summary.csv; val acc:",
+        end="",
+    )
+    print(" the validation accuracy of the best epoch)")
+    print(f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs")
+    for row, changed in zip(runs[-shown:], changes[-shown:], strict=True):
+        figures = f"{percent(row, 'best_val_acc'):>8}{percent(row, 'test_acc'):>9}"
+        figures += f"{row.get('epochs_run'):>7}{row.get('minutes'):>8}"
+        print(f"{figures}  {row['run']}: {' '.join(f'{n}={row.get(n)}' for n in changed)}")
+    earlier = [i for i, row in enumerate(runs[:-1]) if row.get("DATASET") == now["DATASET"]]
+    if earlier:
+        fewest = min(len(changes[i]) for i in earlier)
+        nearest = max(i for i in earlier if len(changes[i]) == fewest)  # the latest on a tie
+        print_comparison(runs[nearest], now, changes[nearest])
+
+
+def percent(row, key):
+    value = number(row.get(key))
+    if value is None:
+        return "?"
+    return f"{value:.1%}"
+
+
+def print_comparison(before, now, changed):
+    """This run against an earlier one, by the validation accuracy of their best epochs, with the
+    sampling error of the validation set named as such."""
+    changes = [f"{name} {before.get(name)} -> {now[name]}" for name in changed]
+    gap = 100 * (number(now["best_val_acc"]) - number(before["best_val_acc"]))
+    minutes = (number(now["minutes"]) or 0) / max(number(before["minutes"]) or 0, 1e-9)
+    images = int(now["val_images"])
+    p = number(now["best_val_acc"])
+    error = 200 * math.sqrt(p * (1 - p) / images)  # two standard errors of an accuracy on n images
+    text = (
+        f"vs {before['run']} ({', '.join(changes) or 'the same settings'}): validation accuracy of"
+        f" the best epoch {gap:+.1f} points, {minutes:.1f}x the minutes. Each figure is"
+        f" ±{error:.1f} points: the sampling error of the {images:,} validation images (two"
+        " standard errors). Runs with another --seed show how much runs differ."
+    )
+    print("\n" + textwrap.fill(text, 100))
+
+
+# --- Reports and pictures: the block table, the test per class, inputs, curves, mistakes ----------
 def print_blocks(model, optimizer, frozen_bn):
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
     counts = {"trainable": 0, "frozen": 0}
@@ -1218,7 +1355,7 @@ def print_blocks(model, optimizer, frozen_bn):
 
 
 def print_report(confusion, classes):
-    """The confusion matrix with each class's test accuracy, and the most confused pairs."""
+    """The confusion matrix, with each class's test accuracy."""
     print("\nconfusion matrix (rows: true class, columns: predicted) and accuracy per class")
     print(" " * 11 + "".join(f"{name[:5]:>6}" for name in classes) + f"{'accuracy':>9}")
     per_class = {}
@@ -1226,240 +1363,163 @@ def print_report(confusion, classes):
         images = confusion[c].sum().item()
         per_class[name] = confusion[c, c].item() / images if images else None  # None: no test image
         shown = "n/a" if per_class[name] is None else f"{per_class[name]:.1%}"
-        print(
-            f"{name[:10]:<11}" + "".join(f"{n:>6}" for n in confusion[c].tolist()) + f"{shown:>9}"
-        )
-    pairs = []
-    for t in range(len(classes)):
-        for p in range(len(classes)):
-            if t != p and confusion[t, p] > 0:
-                pairs.append((confusion[t, p].item(), classes[t], classes[p]))
-    pairs.sort(key=lambda pair: -pair[0])
-    if pairs:
-        print("most confused: " + ", ".join(f"{t} -> {p}: {n}" for n, t, p in pairs[:3]))
+        counts = "".join(f"{n:>6}" for n in confusion[c].tolist())
+        print(f"{name[:10]:<11}{counts}{shown:>9}")
     return per_class
 
 
-def print_runs(rows, shown=8):
-    """The last runs of summary.csv, each with the settings where it differs from most of them;
-    then this run against the one before it."""
-    names = [name for name in SETTINGS if name not in ("DATA_DIR", "OUTPUT_DIR")]
-    last = rows[-shown:]
-    usual = {
-        name: Counter(row.get(name, "") for row in last).most_common(1)[0][0] for name in names
-    }
-    shown_of = f"the last {len(last)} of {len(rows)} in summary.csv"
-    print(f"\nruns so far ({shown_of}; val acc: the validation accuracy of the best epoch)")
-    print(
-        f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs from most"
-    )
-    for row in last:
-        differs = [
-            f"{name}={row.get(name, '')}" for name in names if row.get(name, "") != usual[name]
-        ]
-        figures = f"{percent(row, 'best_val_acc'):>8}{percent(row, 'test_acc'):>9}"
-        print(
-            f"{figures}{row.get('epochs_run', '?'):>7}{row.get('minutes', '?'):>8}"
-            f"  {row['run']}: {' '.join(differs)}"
-        )
-    if len(rows) > 1:
-        print_comparison(rows[-2], rows[-1], names)
-
-
-def percent(row, key):
+def new_figure(**options):
+    """A matplotlib Figure (no pyplot: it works without a display), or None: it is optional."""
     try:
-        return f"{float(row[key]):.1%}"
-    except (KeyError, ValueError):
-        return "?"
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(layout="constrained", **options)
 
 
-def print_comparison(before, now, names):
-    """This run against the one before, by the validation accuracy of their best epochs, with the
-    sampling error of the validation set named as such."""
-    changed = [f"{n} {before.get(n, '?')} -> {now[n]}" for n in names if before.get(n) != now[n]]
-    gap = 100 * (float(now["best_val_acc"]) - float(before["best_val_acc"]))
-    minutes = float(now["minutes"]) / max(float(before["minutes"]), 1e-9)
-    images = int(now["val_images"])
-    p = float(now["best_val_acc"])
-    error = 200 * math.sqrt(p * (1 - p) / images)  # two standard errors of an accuracy on n images
-    text = (
-        f"vs {before['run']} ({', '.join(changed) or 'the same settings'}): validation accuracy of"
-        f" the best epoch {gap:+.1f} points, {minutes:.1f}x the minutes. Each figure is"
-        f" ±{error:.1f}"
-        f" points: the sampling error of the {images:,} validation images (two standard errors)."
-        " Runs with another --seed show how much runs differ."
-    )
-    print("\n" + textwrap.fill(text, 100))
+def save_figure(figure, path):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_file(path, buffer.getbuffer())
 
 
-def save_pictures(run, best_epoch, classes, test_set, predictions):
+def draw_inputs(run):
+    """inputs.png: 16 training images as the model gets them: augmented, at IMAGE_SIZE."""
+    figure = new_figure(figsize=(8, 8.6))
+    if figure is None:
+        return
+    images, labels = run.train_set.tensors
+    every = max(1, len(labels) // 16)  # spread out: a folder's images come class by class
+    state = run.inputs.generator.get_state()  # the picture must not change what training draws
+    run.inputs.train()
+    with torch.no_grad():
+        x = run.inputs(images[::every][:16].to(run.inputs.mean.device))
+    run.inputs.generator.set_state(state)
+    pixels = (x * run.inputs.std + run.inputs.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    for axis, image, label in zip(
+        figure.subplots(4, 4).flat, pixels, labels[::every], strict=False
+    ):
+        axis.imshow(image.numpy())
+        axis.set_title(run.cfg.classes[label], fontsize=10)
+    for axis in figure.axes:
+        axis.set_axis_off()
+    figure.suptitle(f"{run.dir.name}: training inputs as the model sees them")
+    save_figure(figure, run.dir / "inputs.png")
+
+
+def save_pictures(run, test_set, predictions):
     """curves.png: loss and accuracy per epoch; mistakes.png: the 16 test images the model got
     most confidently wrong. Drawn only where matplotlib (optional) is installed."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: works without a display
-    except ImportError:
-        print("(no pictures: `pip install matplotlib` draws curves.png and mistakes.png)")
+    curves = new_figure(figsize=(10, 4))
+    if curves is None:
+        print("(no pictures: `pip install matplotlib` draws inputs.png, curves.png, mistakes.png)")
         return
-    curves = Figure(figsize=(10, 4), layout="constrained")
     epochs = [row["epoch"] for row in run.history]
-    best = next(row for row in run.history if row["epoch"] == best_epoch)
-    colours = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-    for axis, metric, scale in zip(curves.subplots(1, 2), ["loss", "acc"], [1, 100], strict=True):
-        axis.plot(
-            epochs, [scale * row[f"train_{metric}"] for row in run.history], "o-", label="train"
-        )
-        axis.plot(
-            epochs, [scale * row[f"val_{metric}"] for row in run.history], "o-", label="validation"
-        )
-        star = dict(color="gold", markeredgecolor="black", markersize=16)
-        axis.plot(
-            best_epoch, scale * best[f"val_{metric}"], "*", label=f"best epoch {best_epoch}", **star
-        )
-        for (epoch, block), colour in zip(run.cfg.unfreeze_schedule.items(), colours, strict=False):
-            axis.axvline(epoch - 0.5, color=colour, linestyle="--", label=f"unfreeze {block}")
-        axis.set_xticks(epochs)
-        label = "loss" if metric == "loss" else "accuracy (%)"
-        axis.set(xlabel="epoch", ylabel=label, title=label)
+    best = next(row for row in run.history if row["epoch"] == run.stopper.best_epoch)
+    for axis, metric in zip(curves.subplots(1, 2), ["loss", "acc"], strict=True):
+        axis.plot(epochs, [row[f"train_{metric}"] for row in run.history], "o-", label="train")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in run.history], "o-", label="validation")
+        axis.plot(best["epoch"], best[f"val_{metric}"], "*", markersize=16, label="best epoch")
+        for epoch, block in run.cfg.unfreeze_schedule.items():
+            axis.axvline(epoch - 0.5, color="grey", linestyle="--", label=f"unfreeze {block}")
+        axis.set(xlabel="epoch", xticks=epochs, title=metric.replace("acc", "accuracy"))
         axis.legend(fontsize=8)
     curves.suptitle(f"run {run.dir.name}")
+    save_figure(curves, run.dir / "curves.png")
     images, labels = test_set.tensors
     predicted = predictions[:, 0].long()
     confidence = predictions[:, 1]
     wrong = (predicted != labels).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:16].tolist()
-    mistakes = Figure(figsize=(8, 9), layout="constrained")
+    mistakes = new_figure(figsize=(8, 9))
     for axis in mistakes.subplots(4, 4).flat:
         axis.set_axis_off()
+    classes = run.cfg.classes
     for axis, i in zip(mistakes.axes, worst, strict=False):  # fewer than 16 when few are wrong
         axis.imshow(images[i].permute(1, 2, 0).numpy())
         title = f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})"
         axis.set_title(title, fontsize=10)
-    mistakes.suptitle(
-        f"run {run.dir.name}: the most confidently wrong test images\n(true class -> predicted)"
+    mistakes.suptitle(f"run {run.dir.name}: the most confidently wrong test images")
+    save_figure(mistakes, run.dir / "mistakes.png")
+
+
+# --- Progress, signals, and the command line's entry point ----------------------------------------
+def progress_bar(iterable, desc):
+    """tqdm's bar: live on a terminal; in a log or Colab's `!python`, which are not terminals,
+    drawn every 30 seconds, and only for a pass that takes longer."""
+    interval = 0.1
+    if not sys.stderr.isatty():
+        interval = 30
+    return tqdm(
+        iterable, desc, leave=False, mininterval=interval, maxinterval=interval, delay=interval
     )
-    for name, figure in [("curves.png", curves), ("mistakes.png", mistakes)]:
-        with atomic_write(run.dir / name) as file:
-            figure.savefig(file, format="png", dpi=100)
 
 
-# --- Signals and progress: Ctrl-C or SIGTERM finish the batch; a nan loss stops the run -----------
-class TrainingStopped(Exception):
-    """Raised after a batch when Ctrl-C or SIGTERM asked training to stop."""
+def ignore_stop_signals(worker_id):
+    # Ctrl-C reaches DataLoader workers too (SIGTERM may): the main process alone decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def on_stop_signal(signum, frame):
-    first = stop.signal is None
-    stop.signal = signum
-    if not (first and stop.after_batch):
-        raise KeyboardInterrupt  # outside training, or a second signal: stop at once
-    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    print(f"\n{name}: stopping after this batch (press Ctrl-C again to stop at once)", flush=True)
+def sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # a scheduler's stop, or `timeout`: handled as Ctrl-C
 
 
-@contextmanager
-def stop_after_batch():
-    """While training, a first Ctrl-C or SIGTERM lets the batch finish; that epoch is dropped."""
-    stop.after_batch = True
-    try:
-        yield
-    except TrainingStopped:
-        pass
-    finally:
-        stop.after_batch = False
-
-
-class Progress:
-    """The batches of a loader under a progress bar on a terminal, or a plain line every LOG_EVERY
-    seconds in a log. Every SYNC_EVERY batches it reads the losses back from the device (at every
-    step, the CPU would wait for the GPU) and stops the run at a nan or inf loss, naming its batch.
-    After each batch it ends the pass if Ctrl-C or SIGTERM asked training to stop."""
-
-    def __init__(self, loader, desc):
-        self.desc = desc
-        self.bar = tqdm(loader, desc, leave=False, disable=None, dynamic_ncols=True)
-        self.losses = []
-        self.checked = 0
-        self.total = 0.0
-        self.logged = time.monotonic()
-
-    def __iter__(self):
-        with self.bar:
-            for batch in self.bar:
-                yield batch
-                log_due = self.bar.disable and time.monotonic() - self.logged >= LOG_EVERY
-                if (
-                    len(self.losses) % SYNC_EVERY == 0
-                    or len(self.losses) == len(self.bar)
-                    or log_due
-                ):
-                    self.check(log_due)
-                if stop.signal is not None and stop.after_batch:
-                    raise TrainingStopped
-
-    def update(self, loss):
-        self.losses.append(loss.detach())
-
-    def check(self, log=False):
-        values = torch.stack(self.losses[self.checked :]).tolist()
-        for number, value in enumerate(values, start=self.checked + 1):
-            if not math.isfinite(value):
-                raise RunError(
-                    f"training diverged: the loss became {value} in {self.desc}, batch {number}."
-                    " Try a"
-                    " lower learning rate (--head-lr, --backbone-lr), e.g. 10x smaller"
-                )
-        self.checked = len(self.losses)
-        self.total += sum(values)
-        mean = self.total / self.checked
-        self.bar.set_postfix(loss=f"{mean:.3f}")
-        if log:
-            print(
-                f"  {self.desc}: batch {self.checked:,} of {len(self.bar):,}, loss {mean:.3f}",
-                flush=True,
-            )
-            self.logged = time.monotonic()
-
-
-# --- The command line's entry point: every expected failure as one line and an exit code ----------
 def cli(argv=None):
     """main(), with exit codes: 0 done, 1 something outside the code failed, 2 a bad setting,
     130 Ctrl-C, 143 SIGTERM. Wherever it stops, the run folder is resumable, finished, or gone."""
-    stop.signal = None
-    handlers = {
-        number: signal.signal(number, on_stop_signal) for number in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
+    active.run = None
     try:
         return main(argv)
     except SettingError as error:
         print(f"fine_tuning.py: error: {error}", file=sys.stderr)
         return 2
-    except RunError as error:
+    except (RunError, FloatingPointError) as error:  # FloatingPointError: a nan or inf loss
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
-        return stopped_message()
-    except torch.cuda.OutOfMemoryError:
+    except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
+        print(next_step())
+        return exit_code(interrupt)
+    except urllib.error.URLError as error:  # CIFAR-10's download has its own line: the weights'
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
         print(
-            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size",
+            f"error: could not download the ImageNet weights ({error.reason}). Without internet,"
+            f" put {cached.name} ({IMAGENET.url}) in {cached.parent}, or pass its path:"
+            " --weights PATH. `python fine_tuning.py --dry-run` works offline.",
             file=sys.stderr,
         )
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: try a smaller --batch-size", file=sys.stderr)
         return 1
     except RuntimeError as error:
         if not str(error).startswith("DataLoader worker"):
             raise  # anything else is a bug: keep its traceback
-        if stop.signal is not None:  # SIGTERM to the process group ends the workers too
-            return stopped_message()
+        then = "Try --num-workers 0"
+        if active.run is not None and (active.run.dir / "last.pt").exists():
+            then = (
+                f"Go on without workers: {command('--resume', active.run.dir, '--num-workers', 0)}"
+            )
         print(
             f"error: a DataLoader worker died ({str(error).splitlines()[0]}), perhaps for lack of"
-            " memory."
-            " Try --num-workers 0",
+            f" memory. {then}",
             file=sys.stderr,
         )
         return 1
     finally:
-        leave_run_folder()
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+        remove_unfinished_folder()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_unfinished_folder():
+    """A run folder this process made, in which no epoch completed, holds nothing worth keeping."""
+    run = active.run
+    active.run = None
+    if run is None or not run.new:
+        return
+    if not (run.dir / "last.pt").exists() and not (run.dir / "results.json").exists():
+        shutil.rmtree(run.dir)
 
 
 if __name__ == "__main__":
