@@ -160,7 +160,7 @@ def make_loaders(train_set, val_set, test_set, batch_size, num_workers, seed):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),  # page-locked memory: copies to the GPU run alongside
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=ignore_ctrl_c,
     )
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     ## drop_last drops the last, smaller batch (45,000 = 1,406 x 32 + 8): every step has the same
@@ -678,7 +678,9 @@ def settings_parser():
     types = {
         "DATASET": dataset_setting,
         "DATA_DIR": checked(
-            folder, lambda path: path.name != "cifar-10-batches-py", "the folder that holds it"
+            folder,
+            lambda path: path.name != "cifar-10-batches-py",
+            "the folder that holds cifar-10-batches-py, not that folder itself",
         ),
         "SEED": checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"),
         "VAL_FRACTION": checked(float, lambda x: 0 < x < 1, "a number between 0 and 1, e.g. 0.1"),
@@ -894,7 +896,7 @@ def download_cifar10(data_dir):
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed
         raise RunError(
-            f"the download of CIFAR-10 failed its check ({error}): delete {archive}"
+            f"the download of CIFAR-10 failed its check ({error}): delete {archive}, run again"
         ) from None
 
 
@@ -1172,7 +1174,7 @@ def next_step():
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
         return f"\nkept in {files_in(run.dir)}\nresume with: {command('--resume', run.dir)}"
-    return "\nno epoch was completed: nothing to test or to resume; run the same command again."
+    return "\nno epoch was completed and saved, so nothing to resume: run the same command again."
 
 
 def exit_code(interrupt):
@@ -1255,22 +1257,22 @@ def add_to_summary(output_dir, row):
 def read_summary(path, row):
     """summary.csv's (rows, columns, dialect, text), with a byte-order mark, semicolons or tabs.
     A file without a column this run fills is moved aside, never overwritten, with one line."""
-    if not path.exists():
-        return [], [], "excel", ""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: the byte-order mark Excel writes
+        if not text:  # none yet, or another run is writing its first row
+            return [], [], "excel", ""
         dialect = csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t")
         reader = csv.DictReader(io.StringIO(text), dialect=dialect)
         rows = list(reader)
-        missing = [name for name in row if name not in reader.fieldnames]
+        problems = [f"no column {name}" for name in row if name not in reader.fieldnames]
+    except FileNotFoundError:
+        return [], [], "excel", ""
     except (UnicodeDecodeError, csv.Error) as error:
-        missing = [f"any ({error})"]
-    if missing:
+        problems = [str(error)]
+    if problems:
         aside = path.with_name(f"summary.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.csv")
         path.rename(aside)
-        print(
-            f"note: {path} lacks the column {missing[0]}: moved to {aside.name}; a new one starts"
-        )
+        print(f"note: could not read {path} ({problems[0]}): moved it to {aside.name}")
         return [], [], "excel", ""
     return rows, reader.fieldnames, dialect, text
 
@@ -1455,10 +1457,9 @@ def progress_bar(iterable, desc):
     )
 
 
-def ignore_stop_signals(worker_id):
-    # Ctrl-C reaches DataLoader workers too (SIGTERM may): the main process alone decides.
+def ignore_ctrl_c(worker_id):
+    # A terminal's Ctrl-C reaches DataLoader workers too: the main process alone decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def sigterm_as_ctrl_c(signum, frame):
@@ -1491,11 +1492,17 @@ def cli(argv=None):
         )
         return 1
     except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory: try a smaller --batch-size", file=sys.stderr)
+        print(
+            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size",
+            file=sys.stderr,
+        )
         return 1
     except RuntimeError as error:
         if not str(error).startswith("DataLoader worker"):
             raise  # anything else is a bug: keep its traceback
+        if "Terminated" in str(error):  # SIGTERM to the process group ended the workers first
+            print(next_step())
+            return 128 + signal.SIGTERM
         then = "Try --num-workers 0"
         if active.run is not None and (active.run.dir / "last.pt").exists():
             then = (

@@ -122,6 +122,7 @@ def run(capsys, *args):
 def script_env(torch_home, md5=None):
     env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    env["FT_TEST_NO_MATPLOTLIB"] = "1"  # drawing costs seconds: tests/test_runs.py draws
     env.pop("FT_TEST_MD5", None)
     if md5:
         env["FT_TEST_MD5"] = str(md5)
@@ -137,12 +138,13 @@ def start_script(args, torch_home, md5=None, **popen):
     )
 
 
-def first_epoch_row(process):
-    """Read a started script's output up to its first epoch's row; return what was read."""
+def epoch_row(process, epoch):
+    """Read a started script's output up to the row of `epoch`; return what was read. The row of
+    epoch 2 comes after last.pt of epoch 1: from then on, a stopped run can resume."""
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.strip().startswith("1 ") and "%" in line:
+        if line.strip().startswith(f"{epoch} ") and "%" in line:
             return "".join(lines)
     raise AssertionError("no epoch row: " + "".join(lines) + process.stderr.read())
 

@@ -1,11 +1,14 @@
-"""Files: writes are atomic, a full disk gets one line, every run gets a folder of its own, a folder
-in use is refused, and summary.csv keeps one row per finished run."""
+"""Files: writes are atomic, a full disk gets one line wherever it fills, every run gets a folder
+of its own, and summary.csv keeps a row per finished run, in a file a spreadsheet may have saved."""
 
 import builtins
 import csv
+import errno
+import io
+import shlex
 import threading
 
-from filelock import FileLock
+import pytest
 
 import fine_tuning as ft
 from conftest import load_state, run
@@ -15,27 +18,47 @@ def dry(out, *extra):
     return ["--dry-run", "--epochs", "2", "--patience", "5", "--output-dir", out, *extra]
 
 
-def test_a_full_disk_gets_one_line_and_the_last_completed_epoch_stays_intact(
-    tmp_path, capsys, monkeypatch
-):
+class FillsUp(io.FileIO):
+    """A file on a disk that fills after `room` bytes: the rest of a write fails with ENOSPC."""
+
+    room = 1000
+
+    def write(self, data):
+        written = super().write(bytes(data)[: self.room])
+        if written < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return written
+
+
+def disk_fills_at(monkeypatch, name, at_write):
+    """The disk fills in the middle of the `at_write`-th write of `name` (last.pt, best.pt...)."""
     writes = []
 
-    def full_at_epoch_2(path, mode="r", *args, **kwargs):  # the kernel's own ENOSPC, from /dev/full
-        if str(path).endswith(".last.pt.tmp"):
+    def open_file(path, mode="r", *args, **kwargs):
+        if str(path).endswith(f".{name}.tmp"):
             writes.append(path)
-            if len(writes) == 2:
-                return builtins.open("/dev/full", mode)
+            if len(writes) == at_write:
+                return FillsUp(path, "w")
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ft, "open", full_at_epoch_2, raising=False)
-    code, out, err = run(capsys, *dry(tmp_path, "--run-name", "full"))
-    run_dir = tmp_path / "full"
-    assert code == 1 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: the disk is full: could not write {run_dir / 'last.pt'}.")
-    assert err.endswith(f"free some space, then resume: python fine_tuning.py --resume {run_dir}\n")
+    monkeypatch.setattr(ft, "open", open_file, raising=False)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses_nothing(
+    name, tmp_path, capsys, monkeypatch
+):
+    disk_fills_at(monkeypatch, name, at_write=2)  # epoch 2's file, after 1,000 of its bytes
+    out_dir = tmp_path / "my 'runs'"  # a space and quotes: the printed command must still paste
+    code, out, err = run(capsys, *dry(out_dir, "--run-name", "full"))
+    run_dir = out_dir / "full"
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: the disk is full: could not write {run_dir / name}.")
+    resume = ft.command("--resume", run_dir)
+    assert shlex.split(resume) == ["python", "fine_tuning.py", "--resume", str(run_dir)]
+    assert err.endswith(f"free some space, then resume: {resume}\n")
     assert load_state(run_dir / "last.pt")["epoch"] == 1  # the old file, whole
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".lock",
         "best.pt",
         "config.json",
         "history.csv",
@@ -66,51 +89,70 @@ def test_every_new_run_gets_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
     assert names == ["1201-120000_dry-run", "1201-120000_dry-run-2", "1201-120000_dry-run-3"]
 
 
-def test_an_existing_run_name_is_refused_with_the_resume_command_where_it_can_resume(
-    tmp_path, capsys
-):
+def test_an_existing_run_name_is_refused(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     code, _, err = run(capsys, *dry(tmp_path, "--run-name", "taken"))
-    assert code == 2 and err.endswith(
-        f"--run-name: {tmp_path / 'taken'} already exists; choose another name\n"
-    )
-    (tmp_path / "taken" / "last.pt").write_bytes(b"")
-    code, _, err = run(capsys, *dry(tmp_path, "--run-name", "taken"))
-    assert code == 2 and err.endswith(
-        f", or continue it: python fine_tuning.py --resume {tmp_path / 'taken'}\n"
+    assert code == 2
+    assert (
+        err
+        == f"fine_tuning.py: error: --run-name: {tmp_path / 'taken'} exists; choose another name\n"
     )
 
 
-def test_a_run_folder_that_another_process_is_resuming_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ft.Run, "finish", lambda self, *args: ft.stopped_message())  # keeps last.pt
-    assert run(capsys, *dry(tmp_path, "--run-name", "busy"))[0] == 130
-    with FileLock(tmp_path / "busy" / ".lock"):  # held as a resuming process holds it
-        code, _, err = run(capsys, "--resume", tmp_path / "busy")
-    assert code == 2 and err.endswith(
-        f"--resume: another process is training in {tmp_path / 'busy'} now\n"
-    )
+def read_rows(path, **options):
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        return list(csv.DictReader(file, **options))
 
 
-def test_summary_csv_keeps_one_row_per_finished_run_and_runs_finishing_together_lose_none(tmp_path):
-    def finish(number):
-        ft.add_to_summary(tmp_path, {"run": f"run-{number}", "best_val_acc": 0.5})
+def finished(name, accuracy="0.5"):
+    return {"run": name, "DATASET": "CIFAR10", "best_val_acc": accuracy}
 
-    threads = [threading.Thread(target=finish, args=(n,)) for n in range(8)]
+
+def test_runs_finishing_together_lose_no_row_of_summary_csv(tmp_path):
+    threads = [
+        threading.Thread(target=ft.add_to_summary, args=(tmp_path, finished(f"run-{n}")))
+        for n in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    finish(3)  # the same run again (a resumed run that had finished): still one row
-    with open(tmp_path / "summary.csv", newline="") as file:
-        names = [row["run"] for row in csv.DictReader(file)]
-    assert sorted(names) == [f"run-{n}" for n in range(8)]
+    names = [row["run"] for row in read_rows(tmp_path / "summary.csv") if row["run"] != "run"]
+    assert sorted(names) == [f"run-{n}" for n in range(8)]  # (a header written twice is skipped)
 
 
-def test_summary_csv_saved_by_excel_is_read_with_its_byte_order_mark(tmp_path):
-    (tmp_path / "summary.csv").write_bytes(
-        "\ufeffrun,best_val_acc,note\r\nold,0.4,mine\r\n".encode()
+def test_a_summary_csv_a_spreadsheet_saved_is_read_and_kept_in_its_own_layout(tmp_path):
+    # A locale with decimal commas: semicolons, a byte-order mark, percent signs, a column and a
+    # notes row of the learner's own, Windows line ends and no line end after the last row.
+    saved = (
+        "\ufeffrun;DATASET;best_val_acc;note\r\nold;CIFAR10;85,3%;mine\r\n;;;ideas for next week"
     )
-    ft.add_to_summary(tmp_path, {"run": "new", "best_val_acc": 0.5})
-    with open(tmp_path / "summary.csv", newline="", encoding="utf-8-sig") as file:
-        rows = [(row["run"], row["note"]) for row in csv.DictReader(file)]
-    assert rows == [("old", "mine"), ("new", "")]  # the column you added is kept
+    (tmp_path / "summary.csv").write_bytes(saved.encode())
+    rows = ft.add_to_summary(tmp_path, finished("new", "0.9"))
+    assert [row["run"] for row in rows] == ["old", "", "new"]
+    assert ft.number(rows[0]["best_val_acc"]) == pytest.approx(0.853)
+    kept = read_rows(tmp_path / "summary.csv", delimiter=";")
+    assert [(row["run"], row["note"]) for row in kept] == [
+        ("old", "mine"),
+        ("", "ideas for next week"),
+        ("new", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe\x00garbage", "name;score\r\nold;0.5\r\n".encode(), b"run,DATASET\n"]
+)
+def test_a_summary_csv_that_cannot_be_read_is_moved_aside_never_overwritten(
+    content, tmp_path, capsys
+):
+    (tmp_path / "summary.csv").write_bytes(content)
+    rows = ft.add_to_summary(tmp_path, finished("new"))
+    assert [row["run"] for row in rows] == ["new"]
+    aside = [path for path in tmp_path.iterdir() if path.name.startswith("summary.unreadable-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    out = capsys.readouterr().out
+    assert (
+        out.startswith(f"note: could not read {tmp_path / 'summary.csv'} (")
+        and aside[0].name in out
+    )
+    assert [row["run"] for row in read_rows(tmp_path / "summary.csv")] == ["new"]

@@ -1,8 +1,12 @@
-"""The lesson's claims, on its own functions: the split, the augmentation, the inputs, freezing,
-frozen BatchNorm, the learning rates, gradual unfreezing, early stopping and mixed precision."""
+"""The lesson's claims, on its own functions: the split, the augmentation, the inputs, a folder of
+images, the new head, freezing, frozen BatchNorm, the learning rates, gradual unfreezing, early
+stopping, divergence and mixed precision."""
+
+import math
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchvision.transforms.v2 import functional as TF
 
@@ -11,7 +15,7 @@ import fine_tuning as ft
 
 def small_model(freeze_until="layer2"):
     torch.manual_seed(0)
-    model = ft.build_model("none")
+    model = ft.build_model(10, "none")
     ft.freeze(model, freeze_until)
     return model
 
@@ -26,9 +30,12 @@ def small_loader(n=64, batch_size=16):
 
 def train(model, optimizer, frozen_bn="eval", amp_dtype=None, scaler=None, n=64):
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    prepare = ft.ImageNetInput(32)
-    loader = small_loader(n)
-    return ft.train_one_epoch(model, loader, optimizer, scaler, prepare, 0, frozen_bn, amp_dtype)
+    ft.set_train_mode(model, frozen_bn)
+    return ft.train_one_epoch(model, small_loader(n), optimizer, scaler, inputs(), amp_dtype)
+
+
+def inputs(image_size=32):
+    return ft.ModelInput(image_size, seed=0)
 
 
 def adam(model, backbone_lr=1e-4, layer_lr_decay=1.0, head_lr=1e-3):
@@ -50,26 +57,25 @@ def changed(before, module):
 # --- Data -----------------------------------------------------------------------------------------
 def test_the_default_split_is_45000_train_and_5000_validation_500_of_each_class():
     labels = torch.arange(50_000) % 10
-    train_idx, val_idx = ft.stratified_split(labels, 0.1, seed=0)
+    train_idx, val_idx = ft.stratified_split(labels, 0.1)
     assert len(train_idx) == 45_000 and len(val_idx) == 5_000
     assert torch.bincount(labels[val_idx]).tolist() == [500] * 10
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
 
 
-def test_the_seed_fixes_the_split_and_train_per_class_keeps_the_same_validation_split():
+def test_every_run_gets_the_same_split_and_train_per_class_keeps_its_validation_split():
     labels = torch.arange(50_000) % 10
-    first = ft.stratified_split(labels, 0.1, seed=0)
-    assert all(
-        torch.equal(a, b) for a, b in zip(first, ft.stratified_split(labels, 0.1, 0), strict=True)
-    )
-    assert not torch.equal(first[1], ft.stratified_split(labels, 0.1, seed=1)[1])
-    few_train, few_val = ft.stratified_split(labels, 0.1, seed=0, train_per_class=100)
+    first = ft.stratified_split(labels, 0.1)
+    torch.manual_seed(123)  # as SEED does: the split does not depend on it
+    again = ft.stratified_split(labels, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    few_train, few_val = ft.stratified_split(labels, 0.1, train_per_class=100)
     assert torch.bincount(labels[few_train]).tolist() == [100] * 10
     assert torch.equal(few_val, first[1]) and set(few_train.tolist()) <= set(first[0].tolist())
 
 
-def test_augmentation_is_randomcrop_32_padding_4_and_a_horizontal_flip():
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+def test_augmentation_of_small_images_is_randomcrop_32_padding_4_and_a_horizontal_flip():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).float() / 255
     augmented = ft.random_crop_flip(images, torch.Generator().manual_seed(0))
     flipped = 0
     for image, out in zip(images, augmented, strict=True):
@@ -84,13 +90,65 @@ def test_augmentation_is_randomcrop_32_padding_4_and_a_horizontal_flip():
     assert torch.equal(augmented, again)  # the generator decides: a resumed run augments alike
 
 
-def test_inputs_are_normalised_with_imagenets_statistics_and_resized_on_the_batch():
+def test_augmentation_of_photos_is_a_random_resized_crop_of_35_to_100_percent_and_a_flip():
+    # Each column of the image holds its own number, so a crop's columns tell where it came from.
+    columns = torch.arange(96.0).expand(8, 3, 96, 96)
+    augmented = ft.random_resized_crop_flip(columns, torch.Generator().manual_seed(0))
+    assert augmented.shape == (8, 3, 96, 96)
+    widths = []
+    for image in augmented:
+        row = image[0, 0]
+        widths.append(abs(row[-1] - row[0]).item() + 1)  # the crop's width, resized to 96
+        assert row.min() >= 0 and row.max() <= 95
+    assert min(widths) >= round(96 * math.sqrt(0.35 * 3 / 4)) and max(widths) <= 96
+    flipped = [image[0, 0, 0] > image[0, 0, -1] for image in augmented]
+    assert any(flipped) and not all(flipped)
+
+
+def test_inputs_are_normalised_with_imagenets_statistics_resized_and_augmented_in_train_mode_only():
     images = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
     mean = torch.tensor([0.485, 0.456, 0.406])
     std = torch.tensor([0.229, 0.224, 0.225])
-    x = ft.ImageNetInput(32)(images)
+    x = inputs(32).eval()(images)
     assert torch.allclose(x[0, :, 0, 0], (1 - mean) / std)
-    assert ft.ImageNetInput(224)(images).shape == (2, 3, 224, 224)
+    assert inputs(224).eval()(images).shape == (2, 3, 224, 224)
+    noise = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    module = inputs(32)
+    assert torch.equal(module.eval()(noise), module(noise))  # eval mode: never augmented
+    assert not torch.equal(module.train()(noise), module.eval()(noise))
+
+
+def write_images(folder):
+    """Two classes of images as a learner's photos come: sizes, modes and formats of all kinds."""
+    shapes = [((120, 90), "RGB", "jpg"), ((100, 100), "L", "png"), ((90, 140), "RGBA", "png")]
+    shapes += [((300, 200), "P", "png"), ((64, 48), "L", "jpg")]
+    for c, name in enumerate(["cats", "dogs"]):
+        (folder / name).mkdir(parents=True)
+        for i, (size, mode, suffix) in enumerate(shapes):
+            Image.new("RGB", size, (200 * c, 120, 40 * i)).convert(mode).save(
+                folder / name / f"{i}.{suffix}"
+            )
+        (folder / name / "notes.txt").write_text("not an image: ImageFolder skips it")
+
+
+def test_a_folder_of_images_of_any_size_and_mode_becomes_one_uint8_tensor(tmp_path):
+    write_images(tmp_path)
+    dataset, classes = ft.load_image_folder(tmp_path, 64)
+    images, labels = dataset.tensors
+    assert classes == ["cats", "dogs"] and labels.tolist() == [0] * 5 + [1] * 5
+    assert images.shape == (10, 3, 64, 64) and images.dtype == torch.uint8
+    assert images[5:, 0].float().mean() > 150 > images[:5, 0].float().mean()  # red: the dogs
+
+
+# --- The model and its new head -------------------------------------------------------------------
+def test_the_new_head_has_an_output_per_class_and_any_resnet18_state_dict_is_a_start(tmp_path):
+    torch.manual_seed(0)
+    earlier = ft.build_model(10, "none")
+    torch.save(earlier.state_dict(), tmp_path / "best.pt")  # an earlier run's best.pt: 10 classes
+    model = ft.build_model(3, tmp_path / "best.pt")
+    assert model.fc.out_features == 3 and model.fc.in_features == 512
+    assert torch.equal(model.layer4[1].conv2.weight, earlier.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_var, earlier.bn1.running_var)
 
 
 # --- Freezing and frozen BatchNorm ----------------------------------------------------------------
@@ -151,7 +209,7 @@ def test_the_head_learns_with_10x_the_backbones_learning_rate():
     optimizer, _ = adam(model)
     before = snapshot(model)
     ft.set_train_mode(model)
-    x = ft.ImageNetInput(32)(small_loader().dataset.tensors[0][:16])
+    x = inputs(32).eval()(small_loader().dataset.tensors[0][:16])
     torch.nn.functional.cross_entropy(model(x), torch.arange(16) % 10).backward()
     optimizer.step()
     head = (model.fc.weight.detach() - before["fc.weight"]).abs()
@@ -195,6 +253,19 @@ def test_an_improvement_resets_the_count_and_val_acc_is_maximised():
     assert stopper.step(3.0, 0.6, 3) and stopper.bad_epochs == 0 and stopper.best_epoch == 3
 
 
+def test_a_nan_loss_stops_training_with_a_line_on_what_to_do(monkeypatch):
+    model = small_model("layer2")
+    optimizer, _ = adam(model)
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def diverging(logits, labels):
+        return cross_entropy(logits, labels) * math.nan
+
+    monkeypatch.setattr(ft.F, "cross_entropy", diverging)
+    with pytest.raises(FloatingPointError, match="training diverged: the loss became nan. Try a"):
+        train(model, optimizer, n=32)
+
+
 # --- Mixed precision ------------------------------------------------------------------------------
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_the_training_step_runs_under_autocast_and_the_gradient_scaler(amp_dtype):
@@ -223,9 +294,9 @@ def test_a_gpu_gets_the_precision_its_compute_capability_allows(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    device, amp_dtype = ft.choose_device(224)
+    device, amp_dtype = ft.choose_device()
     assert device.type == "cuda" and amp_dtype == dtype
     precision = str(dtype or torch.float32).replace("torch.", "")
     major, minor = capability
-    expected = f"device: cuda ({name}, compute capability {major}.{minor})   image size: 224px"
-    assert capsys.readouterr().out == f"{expected}   precision: {precision}\n"
+    expected = f"device: cuda ({name}, compute capability {major}.{minor})   precision: {precision}"
+    assert capsys.readouterr().out == expected + "\n"

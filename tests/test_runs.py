@@ -1,11 +1,13 @@
 """Whole runs in this process, on a tiny CIFAR-10 through torchvision's real loaders: what a run
-keeps and prints, early stopping, the comparison of runs, divergence, progress, pictures."""
+keeps and prints, early stopping, each run read against the right one, divergence, progress,
+pictures, and the README's code for a fine-tuned model, on a machine without the run's GPU."""
 
 import csv
 import json
 import re
 
 import torch
+from PIL import Image
 
 import fine_tuning as ft
 from conftest import ROOT, load_state, run, tiny
@@ -22,8 +24,8 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     run_dir = tmp_path / "first"
     names = sorted(path.name for path in run_dir.iterdir() if not path.name.startswith("."))
     assert names == ["best.pt", "config.json", "history.csv", "results.json"]  # last.pt: gone
-    assert "data: 90 train / 10 validation / 30 test images, 10 classes" in out
-    assert "model: ResNet18 with ImageNet weights (IMAGENET1K_V1), new 10-class head" in out
+    assert "data: 90 train / 10 validation / 30 test images, 10 classes, 32 px\n" in out
+    assert "model: ResNet18, ImageNet weights (IMAGENET1K_V1), new 10-class head" in out
     assert re.search(r"test accuracy [\d.]+%   \(the weights of epoch [12], the best val_loss", out)
     history = rows(run_dir / "history.csv")
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -34,18 +36,16 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     assert confusion.sum() == 30 and results["test_acc"] == confusion.trace().item() / 30
     for c, name in enumerate(results["classes"]):
         assert results["per_class_acc"][name] == confusion[c, c].item() / confusion[c].sum().item()
-    best = load_state(run_dir / "best.pt")
-    assert best["fc.weight"].shape == (10, 512)
+    assert load_state(run_dir / "best.pt")["fc.weight"].shape == (10, 512)
     summary = rows(tmp_path / "summary.csv")
     assert [row["run"] for row in summary] == ["first"] and summary[0]["IMAGE_SIZE"] == "32"
+    assert summary[0]["DATASET"] == "CIFAR10"
 
 
-def test_the_imagenet_weights_come_through_torchvisions_cache(
-    real_files, torch_home, tmp_path, capsys
-):
+def test_the_imagenet_weights_come_through_torchvisions_cache(real_files, torch_home):
     # resnet18(weights=IMAGENET1K_V1) reads the cached file (the tests' random copy of it).
     cached = load_state(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    model = ft.build_model("IMAGENET1K_V1")
+    model = ft.build_model(10, "IMAGENET1K_V1")
     assert torch.equal(model.layer1[0].conv1.weight, cached["layer1.0.conv1.weight"])
     assert model.fc.out_features == 10
 
@@ -54,20 +54,20 @@ def test_early_stopping_stops_and_the_best_epochs_weights_are_tested(
     real_files, tmp_path, capsys, monkeypatch
 ):
     saved = {}
-    save_epoch = ft.Run.save_epoch
+    log_epoch = ft.Run.log_epoch
 
     def keep_weights(self, epoch, *args):
-        save_epoch(self, epoch, *args)
+        log_epoch(self, epoch, *args)
         saved[epoch] = {k: v.clone() for k, v in self.model.state_dict().items()}
 
-    monkeypatch.setattr(ft.Run, "save_epoch", keep_weights)
+    monkeypatch.setattr(ft.Run, "log_epoch", keep_weights)
     tested = {}
     evaluate = ft.evaluate
 
-    def record(model, loader, prepare, amp_dtype=None, desc="val"):
+    def record(model, loader, inputs, amp_dtype=None, desc="val"):
         if desc == "test":
             tested.update({k: v.clone() for k, v in model.state_dict().items()})
-        return evaluate(model, loader, prepare, amp_dtype, desc)
+        return evaluate(model, loader, inputs, amp_dtype, desc)
 
     monkeypatch.setattr(ft, "evaluate", record)
     args = tiny(real_files, tmp_path, "--epochs", "9", "--patience", "2", "--min-delta", "100")
@@ -88,42 +88,47 @@ def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, 
     assert "\nunfreezing" not in out
 
 
-def test_a_numeric_setting_changed_between_two_runs_is_compared_and_tabled(
+def comparison(out):
+    return " ".join(out[out.index("\nvs ") :].split("\n\n")[0].split())
+
+
+def test_each_run_is_compared_with_the_earlier_run_that_differs_from_it_least(
     real_files, tmp_path, capsys
 ):
-    assert run(capsys, *tiny(real_files, tmp_path, "--run-name", "a"))[0] == 0
-    code, out, err = run(
-        capsys, *tiny(real_files, tmp_path, "--run-name", "b", "--head-lr", "0.003")
-    )
-    assert code == 0, err
-    line = " ".join(out[out.index("\nvs a (") :].split("\n\n")[0].split())
-    assert line.startswith("vs a (HEAD_LR 0.001 -> 0.003): validation accuracy of the best epoch")
+    # The Experiments table's way: a default run, then one setting changed per row.
+    for name, extra in [("default", []), ("head", ["--head-lr", "0.003"]), ("size", [])]:
+        if name == "size":
+            extra = ["--image-size", "64"]
+        code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", name, *extra))
+        assert code == 0, err
+    line = comparison(out)  # "size" against "default" (one change), not "head" (two)
+    assert line.startswith("vs default (IMAGE_SIZE 32 -> 64): validation accuracy of the best")
     assert "the sampling error of the 10 validation images (two standard errors)" in line
     assert line.endswith("Runs with another --seed show how much runs differ.")
-    code, out, err = run(
-        capsys, *tiny(real_files, tmp_path, "--run-name", "c", "--image-size", "64")
-    )
-    assert code == 0, err
     table = out[out.index("runs so far (the last 3 of 3 in summary.csv;") :].splitlines()
-    assert table[2].endswith("  a: ") and table[3].endswith("  b: HEAD_LR=0.003")
-    assert table[4].endswith("  c: IMAGE_SIZE=64")  # a 64 px run is told apart from 32 px ones
-    assert "\nvs b (IMAGE_SIZE 32 -> 64, HEAD_LR 0.003 -> 0.001): " in out
+    assert table[2].endswith("  default: IMAGE_SIZE=32")  # where each differs from this run
+    assert table[3].endswith("  head: IMAGE_SIZE=32 HEAD_LR=0.003")
+    assert table[4].endswith("  size: ")
+    code, out, err = run(
+        capsys, *tiny(real_files, tmp_path, "--run-name", "head2", "--head-lr", "0.003")
+    )
+    assert code == 0 and comparison(out).startswith("vs head (the same settings): "), err
 
 
 def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_setting(tmp_path, capsys):
     args = ["--dry-run", "--freeze-until", "layer3", "--head-lr", "0.002", "--output-dir", tmp_path]
     code, out, err = run(capsys, *args)
     assert code == 0, err
-    assert "data: 45,000 train / 5,000 validation / 10,000 test images, 10 classes" in out
+    assert "data: 45,000 train / 5,000 validation / 10,000 test images, 10 classes, 32 px" in out
     assert "dry run: synthetic images, random weights, 2 batches per phase" in out
     assert "fc      trainable         5,130  2.0e-03" in out and "layer3  frozen" in out
     assert "(dry run: not added to summary.csv)" in out and not (tmp_path / "summary.csv").exists()
     train_set, test_set, classes = ft.synthetic_cifar10(0)
     assert train_set.tensors[0].shape == (50_000, 3, 32, 32) and len(test_set) == 10_000
-    assert train_set.tensors[0].dtype == torch.uint8 and classes == ft.CLASSES
+    assert train_set.tensors[0].dtype == torch.uint8 and classes == ft.CIFAR10_CLASSES
 
 
-def test_a_nan_loss_stops_the_run_naming_the_batch(tmp_path, capsys, monkeypatch):
+def test_a_nan_loss_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
     cross_entropy = torch.nn.functional.cross_entropy
     calls = []
 
@@ -135,8 +140,11 @@ def test_a_nan_loss_stops_the_run_naming_the_batch(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(ft.F, "cross_entropy", diverging)
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "nan")
     assert code == 1
-    assert err.startswith("error: training diverged: the loss became nan in train, batch 2.")
-    assert "Try a lower learning rate" in err and not (tmp_path / "nan").exists()
+    assert err == (
+        "error: training diverged: the loss became nan. Try a lower learning rate (--head-lr,"
+        " --backbone-lr), e.g. 10x smaller\n"
+    )
+    assert not (tmp_path / "nan").exists()
 
 
 def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch):
@@ -150,20 +158,22 @@ def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_a_log_gets_a_plain_progress_line_and_a_terminal_the_bar(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ft, "LOG_EVERY", 0)  # a line at every batch instead of every 30 s
-    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
-    assert code == 0, err
-    assert "  train: batch 1 of 2, loss " in out and "  val: batch 2 of 2, loss " in out
+def test_progress_is_a_live_bar_on_a_terminal_and_a_line_every_30_s_elsewhere(monkeypatch):
+    # Colab's `!python fine_tuning.py` is not a terminal: it still gets progress, every 30 s.
+    monkeypatch.setattr(ft.sys.stderr, "isatty", lambda: False, raising=False)
+    logged = ft.progress_bar(range(3), "train")
+    assert not logged.disable and logged.mininterval == 30 and logged.delay == 30
     monkeypatch.setattr(ft.sys.stderr, "isatty", lambda: True, raising=False)
-    progress = ft.Progress(range(3), "train")
-    assert not progress.bar.disable  # a terminal: the bar, and no plain lines
+    live = ft.progress_bar(range(3), "train")
+    assert not live.disable and live.mininterval == 0.1
 
 
-def test_pictures_are_drawn_from_the_one_test_pass(with_matplotlib, real_files, tmp_path, capsys):
+def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
+    with_matplotlib, real_files, tmp_path, capsys
+):
     code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", "pictures"))
     assert code == 0, err
-    for name in ["curves.png", "mistakes.png"]:
+    for name in ["inputs.png", "curves.png", "mistakes.png"]:
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -172,14 +182,33 @@ def test_without_matplotlib_a_run_says_how_to_get_the_pictures(tmp_path, capsys)
     assert code == 0 and "(no pictures: `pip install matplotlib` draws" in out
 
 
-def test_the_readme_shows_how_to_classify_an_image_with_best_pt(real_files, tmp_path, capsys):
+def save_as_on_a_gpu(state, path, monkeypatch):
+    """torch.save as on a CUDA machine: every storage tagged as a CUDA tensor's."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
+def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu(
+    real_files, tmp_path, capsys, monkeypatch
+):
     assert run(capsys, *tiny(real_files, tmp_path, "--run-name", "done"))[0] == 0
+    best = tmp_path / "done" / "best.pt"
+    save_as_on_a_gpu(load_state(best), best, monkeypatch)
+    try:
+        torch.load(best, weights_only=True)  # what the README's code did before map_location
+        raise AssertionError("a GPU's best.pt loaded on a CPU without map_location")
+    except RuntimeError as error:
+        assert "Attempting to deserialize object on a CUDA device" in str(error)
+    photo = tmp_path / "my photo.jpg"
+    Image.new("RGB", (640, 480), (30, 120, 200)).save(photo)
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Using the fine-tuned model") :]
     code = section.split("```python\n")[1].split("```")[0]
-    code = code.replace('"runs/<run name>/best.pt"', repr(str(tmp_path / "done" / "best.pt")))
-    code = code.replace('"./data"', repr(str(real_files)))
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    code = code.replace('"runs/<run name>"', repr(str(tmp_path / "done")))
+    code = code.replace('"./data"', repr(str(real_files))).replace(
+        '"my_photo.jpg"', repr(str(photo))
+    )
+    exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert re.fullmatch(r"true: \w+, predicted: \w+ \(\d+% sure\)\n", out), out
+    assert re.fullmatch(r"true: \w+, predicted: \w+ \(\d+% sure\)\n\w+ \(\d+% sure\)\n", out), out

@@ -1,23 +1,26 @@
-"""Stopping and going on: Ctrl-C tests the best weights and prints the resume command, SIGTERM keeps
-the files, DataLoader workers never outlive the run, and a resume on the CPU is exact."""
+"""Stopping and going on: Ctrl-C or SIGTERM mid-epoch tests the best weights so far and prints the
+resume command; a resume on the CPU is exact, also with other workers, in a moved folder, or on
+another device; DataLoader workers never outlive the run."""
 
 import csv
 import json
 import os
+import shlex
 import signal
 import time
 
+import pytest
 import torch
 
 import fine_tuning as ft
-from conftest import first_epoch_row, load_state, run, start_script, tiny
+from conftest import epoch_row, load_state, run, start_script, tiny
 
 LONG = ["--epochs", "30", "--patience", "30", "--min-delta", "0"]
 
 
 def history(run_dir):
     with open(run_dir / "history.csv") as file:
-        return [row for row in csv.DictReader(file)]
+        return list(csv.DictReader(file))
 
 
 def alive(pid):
@@ -34,29 +37,39 @@ def children(pid):
         return [int(child) for child in file.read().split()]
 
 
-def test_ctrl_c_finishes_the_batch_tests_the_best_weights_and_a_resume_is_exact(
-    cifar_root, real_files, torch_home, tmp_path, capsys
+def ctrl_c_at_batch(monkeypatch, batch):
+    """A real SIGINT to this process while the training step augments its `batch`-th batch."""
+    random_crop_flip = ft.random_crop_flip
+    calls = []
+
+    def augment(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == batch:
+            os.kill(os.getpid(), signal.SIGINT)
+        return random_crop_flip(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "random_crop_flip", augment)
+
+
+def test_ctrl_c_mid_epoch_tests_the_best_weights_and_the_resume_is_exact(
+    real_files, tmp_path, capsys, monkeypatch
 ):
-    args = tiny(cifar_root, tmp_path, *LONG, "--num-workers", "2")
-    process = start_script(args + ["--run-name", "stopped"], torch_home, cifar_root / "md5.json")
-    head = first_epoch_row(process)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    out = head + out
-    assert process.returncode == 130 and "Traceback" not in err, out + err
+    # 90 training images in batches of 8: 11 batches an epoch. Ctrl-C during epoch 2's 5th.
+    args = tiny(real_files, tmp_path, "--epochs", "3", "--patience", "5", "--min-delta", "0")
+    with monkeypatch.context() as patch:
+        ctrl_c_at_batch(patch, 11 + 5)
+        code, out, err = run(capsys, *args, "--run-name", "stopped", "--num-workers", "2")
     run_dir = tmp_path / "stopped"
-    assert "Ctrl-C: stopping after this batch (press Ctrl-C again to stop at once)" in out
-    assert "stopped: interrupted" in out and "test accuracy" in out
+    assert code == 130 and "Traceback" not in err, out + err
+    assert "stopped: interrupted (Ctrl-C)" in out
+    assert "test accuracy" in out and "the weights of epoch 1" in out  # the best so far
     assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
-    assert json.loads((run_dir / "results.json").read_text())["stop_reason"] == "interrupted"
-    done = len(history(run_dir))
-    assert 1 <= done < 30 and (run_dir / "last.pt").exists()
-    # Resumed, the stopped run reaches exactly what an uninterrupted run does (on a CPU).
-    target = str(max(done + 1, 3))
-    code, out, err = run(capsys, "--resume", run_dir, "--epochs", target)
-    assert code == 0 and f"resuming {run_dir} after epoch {done}" in out, err
-    settings = [a if a != "30" else target for a in args]
-    code, _, err = run(capsys, *settings, "--run-name", "straight")
+    assert json.loads((run_dir / "results.json").read_text())["stop_reason"].startswith("interr")
+    assert len(history(run_dir)) == 1 and load_state(run_dir / "last.pt")["epoch"] == 1
+    # Resumed, without the workers, it ends with exactly the weights of an unbroken run.
+    code, out, err = run(capsys, "--resume", run_dir, "--num-workers", "0")
+    assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
+    code, _, err = run(capsys, *args, "--run-name", "straight")
     assert code == 0, err
     straight = load_state(tmp_path / "straight" / "best.pt")
     resumed = load_state(run_dir / "best.pt")
@@ -65,111 +78,168 @@ def test_ctrl_c_finishes_the_batch_tests_the_best_weights_and_a_resume_is_exact(
     assert losses == [[row["train_loss"], row["val_loss"]] for row in history(run_dir)]
 
 
-def test_a_second_ctrl_c_to_the_process_group_stops_at_once(cifar_root, torch_home, tmp_path):
-    # A terminal sends Ctrl-C to the whole group; the workers ignore it and the script decides.
+def test_ctrl_c_to_the_process_group_reaches_the_script_alone(cifar_root, torch_home, tmp_path):
+    # A terminal sends Ctrl-C to the whole group: the workers ignore it and the script decides.
     args = tiny(cifar_root, tmp_path, *LONG, "--num-workers", "2", "--run-name", "group")
     process = start_script(args, torch_home, cifar_root / "md5.json", start_new_session=True)
-    first_epoch_row(process)
-    os.killpg(process.pid, signal.SIGINT)
-    time.sleep(0.05)
+    epoch_row(process, 2)
+    workers = children(process.pid)
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in out + err, out + err
+    assert "stopped: interrupted (Ctrl-C)" in out and "test accuracy" in out
     assert f"resume with: python fine_tuning.py --resume {tmp_path / 'group'}" in out
     assert load_state(tmp_path / "group" / "last.pt")["epoch"] >= 1  # whole, and loadable
+    time.sleep(1)
+    assert not [pid for pid in workers if alive(pid)]
 
 
-def test_sigterm_finishes_the_batch_keeps_the_files_and_exits_143(cifar_root, torch_home, tmp_path):
+def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeypatch):
+    evaluate = ft.evaluate
+
+    def ctrl_c_in_the_test(model, loader, inputs, amp_dtype=None, desc="val"):
+        if desc == "test":
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(model, loader, inputs, amp_dtype, desc)
+
+    monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_test)
+    ctrl_c_at_batch(monkeypatch, 2 * 2 + 1)  # a dry run's epochs have 2 batches: in epoch 3
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "twice")
+    assert code == 130 and "test accuracy" not in out and not err, out + err
+    assert out.endswith(f"resume with: python fine_tuning.py --resume {tmp_path / 'twice'}\n")
+
+
+def test_sigterm_stops_like_ctrl_c_and_exits_143(cifar_root, torch_home, tmp_path):
     args = tiny(cifar_root, tmp_path, *LONG, "--run-name", "term")
     process = start_script(args, torch_home, cifar_root / "md5.json")
-    first_epoch_row(process)
+    epoch_row(process, 2)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert time.monotonic() - sent < 15 and process.returncode == 143, out + err
     run_dir = tmp_path / "term"
-    assert "SIGTERM: stopping after this batch" in out and "test accuracy" not in out
-    assert f"kept in {run_dir}: best.pt config.json history.csv last.pt\n" in out
+    assert "stopped: interrupted (SIGTERM)" in out and "test accuracy" in out
+    assert f"kept in {run_dir}: best.pt config.json history.csv last.pt results.json\n" in out
     assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
 
 
-def test_a_killed_dataloader_worker_ends_the_run_with_one_line_and_no_worker_outlives_it(
-    cifar_root, torch_home, tmp_path
+def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_without_workers(
+    cifar_root, real_files, torch_home, tmp_path, capsys
 ):
     args = tiny(cifar_root, tmp_path, *LONG, "--num-workers", "2", "--run-name", "oom")
     process = start_script(args, torch_home, cifar_root / "md5.json")
-    first_epoch_row(process)
+    epoch_row(process, 2)
     workers = children(process.pid)
     assert len(workers) >= 2, workers
     os.kill(workers[0], signal.SIGKILL)  # what an out-of-memory killer does
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "Traceback" not in err, out + err
-    assert err.startswith("error: a DataLoader worker died (") and err.endswith(
-        "Try --num-workers 0\n"
-    )
+    assert err.startswith("error: a DataLoader worker died (") and len(err.splitlines()) == 1
+    command = ft.command("--resume", tmp_path / "oom", "--num-workers", 0)
+    assert err.endswith(f"Go on without workers: {command}\n")
     time.sleep(1)
     assert not [pid for pid in workers if alive(pid)]
+    code, out, err = run(capsys, *shlex.split(command)[2:], "--epochs", "3")
+    assert code == 0 and "stopped: all epochs ran (EPOCHS = 3)" in out, err
 
 
-def stop_after_epoch(monkeypatch, epoch, signum=signal.SIGINT):
-    """Ctrl-C (or SIGTERM) delivered during training, right after `epoch` is saved."""
-    save_epoch = ft.Run.save_epoch
+def stop_after_epoch(monkeypatch, epoch):
+    """Ctrl-C right after `epoch` is logged, before its last.pt is written."""
+    log_epoch = ft.Run.log_epoch
 
-    def save_then_signal(self, done, *args):
-        save_epoch(self, done, *args)
-        if done == epoch:
-            ft.on_stop_signal(signum, None)
+    def log_then_stop(self, done, *args):
+        log_epoch(self, done, *args)
+        if done == epoch + 1:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(ft.Run, "save_epoch", save_then_signal)
+    monkeypatch.setattr(ft.Run, "log_epoch", log_then_stop)
 
 
-def test_resume_continues_with_the_saved_settings_and_epochs_trains_on(
-    tmp_path, capsys, monkeypatch
-):
-    args = ["--dry-run", "--epochs", "2", "--unfreeze-schedule", "2:layer2", "--patience", "5"]
+def stopped_run(tmp_path, capsys, monkeypatch, *extra):
+    """A dry run stopped after its first epoch: its folder, tmp_path/runs/r."""
+    args = ["--dry-run", "--epochs", "2", "--patience", "5", *extra]
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)
-        code, out, err = run(capsys, *args, "--output-dir", tmp_path, "--run-name", "r")
+        code, out, err = run(capsys, *args, "--output-dir", tmp_path / "runs", "--run-name", "r")
     assert code == 130 and "stopped: interrupted" in out, err
-    config = tmp_path / "r" / "config.json"
+    return tmp_path / "runs" / "r"
+
+
+def test_resume_goes_on_with_the_saved_settings_and_epochs_trains_on(tmp_path, capsys, monkeypatch):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch, "--unfreeze-schedule", "2:layer2")
+    config = run_dir / "config.json"
     edited = json.loads(config.read_text())
     edited["settings"]["HEAD_LR"] = (
         0.5  # config.json is a record for people: editing changes nothing
     )
     config.write_text(json.dumps(edited))
-    code, out, err = run(capsys, "--resume", tmp_path / "r", "--epochs", "3")
+    code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
     assert code == 0, err
     assert "\nunfreezing layer2\n" in out and "stopped: all epochs ran (EPOCHS = 3)" in out
-    assert [row["lr_fc"] for row in history(tmp_path / "r")] == ["0.001"] * 3
+    assert [row["lr_fc"] for row in history(run_dir)] == ["0.001"] * 3
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
 
 
-def test_resume_takes_no_other_setting_and_a_finished_run_says_where_its_results_are(
-    tmp_path, capsys
+def test_a_moved_run_folder_resumes_and_adds_to_the_summary_beside_it(
+    tmp_path, capsys, monkeypatch
 ):
-    code, _, err = run(capsys, "--resume", tmp_path, "--head-lr", "0.01")
-    assert code == 2 and "only --epochs may change, not --head-lr" in err
+    # As from Colab to a laptop: the folder is elsewhere now, and so is the data.
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    moved = tmp_path / "laptop" / "my runs" / "r"
+    moved.parent.mkdir(parents=True)
+    run_dir.rename(moved)
+    monkeypatch.chdir(tmp_path / "laptop")
+    code, out, err = run(capsys, "--resume", "my runs/r", "--data-dir", "elsewhere")
+    assert code == 0 and "resuming my runs/r after epoch 1" in out, err
+    assert "(dry run: not added to summary.csv)" in out
+    assert json.loads((moved / "config.json").read_text())["settings"]["DATA_DIR"] == "elsewhere"
+
+
+def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys, monkeypatch):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    state = load_state(run_dir / "last.pt")
+    state["device"] = "cuda"  # as if it had trained on Colab's GPU
+    torch.save(state, run_dir / "last.pt")
+    code, out, err = run(capsys, "--resume", run_dir)
+    assert code == 0, err
+    assert (
+        "note: this run trained on cuda; here, on cpu, it keeps its image size (32 px) and takes"
+        " this device's precision (above). Its last epoch took" in out
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--head-lr", "0.01"], "only --epochs, --dataset, --data-dir, --output-dir and --num-workers"
+      " may change, not --head-lr"),
+     (["--epochs", "1"], "EPOCHS (--epochs) = 1: the run has done 1")],
+)  # fmt: skip
+def test_resume_refuses_settings_that_change_the_result(
+    args, message, tmp_path, capsys, monkeypatch
+):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    code, _, err = run(capsys, "--resume", run_dir, *args)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
     assert (
         run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f")[0]
         == 0
     )
     code, _, err = run(capsys, "--resume", tmp_path / "f")
     assert code == 2 and err.endswith(
-        f"{tmp_path / 'f'} has finished; its results are in results.json\n"
+        f"--resume: {tmp_path / 'f'} has finished; see its results.json\n"
     )
+    code, _, err = run(capsys, "--resume", tmp_path / "nowhere")
+    assert code == 2 and err.endswith(f"--resume: there is no folder {tmp_path / 'nowhere'}\n")
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
-    train_one_epoch = ft.train_one_epoch
-
-    def interrupted(*args):
-        ft.on_stop_signal(signal.SIGINT, None)  # during the first batch
-        return train_one_epoch(*args)
-
-    monkeypatch.setattr(ft, "train_one_epoch", interrupted)
+    ctrl_c_at_batch(monkeypatch, 1)
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "early")
     assert code == 130
     assert (
-        "no epoch was completed: nothing to test or to resume; run the same command again." in out
+        "no epoch was completed and saved, so nothing to resume: run the same command again." in out
     )
     assert not (tmp_path / "early").exists()
