@@ -63,6 +63,7 @@ import sys
 import textwrap
 import time
 import urllib.error
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -547,6 +548,8 @@ CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
 CIFAR10_PER_CLASS = 5_000  # training images per class: the splits are checked before any download
+CIFAR10_HOME = "https://www.cs.toronto.edu/~kriz/cifar.html"
+OFFLINE = "`python fine_tuning.py --dry-run` works offline."
 DRY_RUN_BATCHES = 2  # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 3  # --dry-run: epochs, unless --epochs is given or the schedule needs more
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -675,13 +678,10 @@ def settings_parser():
     parser = SettingsParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     whole = "a whole number >= "
     rate = "a learning rate in (0, 1], e.g. "
+    holds_cifar = "the folder that holds cifar-10-batches-py, not that folder itself"
     types = {
         "DATASET": dataset_setting,
-        "DATA_DIR": checked(
-            folder,
-            lambda path: path.name != "cifar-10-batches-py",
-            "the folder that holds cifar-10-batches-py, not that folder itself",
-        ),
+        "DATA_DIR": checked(folder, lambda path: path.name != "cifar-10-batches-py", holds_cifar),
         "SEED": checked(int, lambda n: 0 <= n < 2**32, "a whole number from 0 to 4294967295"),
         "VAL_FRACTION": checked(float, lambda x: 0 < x < 1, "a number between 0 and 1, e.g. 0.1"),
         "TRAIN_PER_CLASS": checked(number_or("all"), lambda n: n == "all" or n >= 1, "all or 1+"),
@@ -749,14 +749,11 @@ def read_saved_settings(cfg, given):
             "--resume goes on with the run's own settings; only --epochs, --dataset, --data-dir,"
             f" --output-dir and --num-workers may change, not {', '.join(sorted(given - free))}"
         )
-    last = cfg.resume / "last.pt"
     if not cfg.resume.is_dir():
         raise SettingError(f"--resume: there is no folder {cfg.resume}")
-    if not last.exists() and (cfg.resume / "results.json").exists():
-        raise SettingError(f"--resume: {cfg.resume} has finished; see its results.json")
-    if not last.exists():
-        raise SettingError(f"--resume: {cfg.resume} holds no completed epoch to go on from")
-    state = torch.load(last, map_location="cpu", weights_only=True)
+    if not (cfg.resume / "last.pt").exists():  # a finished run removed it
+        raise SettingError(f"--resume: {cfg.resume} has no last.pt: it finished, or never began")
+    state = torch.load(cfg.resume / "last.pt", map_location="cpu", weights_only=True)
     for name, value in state["settings"].items():
         if flag(name) not in given and name not in ("NUM_WORKERS", "OUTPUT_DIR"):
             setattr(cfg, name.lower(), value)
@@ -770,7 +767,7 @@ def read_saved_settings(cfg, given):
 
 
 def check_together(cfg):
-    """The checks that need two settings, and CIFAR-10's splits, whose sizes are known."""
+    """The checks that need two settings; CIFAR-10's splits too, whose sizes are known."""
     frozen = []
     if cfg.freeze_until != "none":
         frozen = BLOCKS[: BLOCKS.index(cfg.freeze_until) + 1]
@@ -784,11 +781,6 @@ def check_together(cfg):
     if cfg.dataset == "CIFAR10":
         labels = torch.arange(10 * CIFAR10_PER_CLASS) % 10
         check_splits(labels, CIFAR10_CLASSES, cfg, test_held_out=False)
-    if cfg.weights == "none" and cfg.freeze_until != "none":
-        print(
-            f"note: WEIGHTS = none with FREEZE_UNTIL = {cfg.freeze_until} keeps random blocks"
-            " frozen, which is rarely meant. From scratch, every block trains: --freeze-until none"
-        )
 
 
 def check_splits(labels, classes, cfg, test_held_out):
@@ -836,7 +828,18 @@ def load_data(cfg):
         print(f"dry run: synthetic images, random weights, {DRY_RUN_BATCHES} batches per phase")
         full_train_set, test_set, cfg.classes = synthetic_cifar10(cfg.seed)
     else:
-        full_train_set, test_set, cfg.classes = download_cifar10(cfg.data_dir)
+        archive = cfg.data_dir / datasets.CIFAR10.filename
+        try:
+            full_train_set, test_set, cfg.classes = load_cifar10(cfg.data_dir)
+        except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
+            raise RunError(
+                f"could not download CIFAR-10 ({error.reason}). Without internet, put"
+                f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {OFFLINE}"
+            ) from None
+        except RuntimeError as error:  # torchvision's md5 check failed
+            raise RunError(
+                f"the download of CIFAR-10 failed its check ({error}): delete {archive}, run again"
+            ) from None
     stored = full_train_set.tensors[0].shape[-1]
     if cfg.image_size == "auto":
         cfg.image_size = auto_image_size(stored)
@@ -881,23 +884,6 @@ def synthetic_cifar10(seed):
         noise = torch.randint(0, 128, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
         sets.append(TensorDataset(noise + tints[labels], labels))
     return sets[0], sets[1], CIFAR10_CLASSES
-
-
-def download_cifar10(data_dir):
-    """load_cifar10(), with a failed download as one line."""
-    archive = data_dir / datasets.CIFAR10.filename
-    try:
-        return load_cifar10(data_dir)
-    except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
-        raise RunError(
-            f"could not download CIFAR-10 ({error.reason}). Without internet, put {archive.name}"
-            f" (from https://www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}."
-            " `python fine_tuning.py --dry-run` works offline."
-        ) from None
-    except RuntimeError as error:  # torchvision's md5 check failed
-        raise RunError(
-            f"the download of CIFAR-10 failed its check ({error}): delete {archive}, run again"
-        ) from None
 
 
 def read_folder(cfg):
@@ -973,8 +959,8 @@ def check_memory(count, size, root):
     if needed > memory / 2:
         fits = math.isqrt(int(memory / 2 / (count * 3)))
         raise SettingError(
-            f"DATASET (--dataset): the {count:,} images of {root} need {needed / 1e9:.1f} GB at"
-            f" {size} px, more than half of this machine's {memory / 1e9:.1f} GB. Set a smaller"
+            f"DATASET (--dataset): the {count:,} images of {root} need {needed / 1e6:,.0f} MB at"
+            f" {size} px, more than half of this machine's {memory / 1e6:,.0f} MB. Set a smaller"
             f" IMAGE_SIZE (--image-size): {fits} px fits"
         )
 
@@ -1006,7 +992,7 @@ class Run:
             cfg.checkpoint = None  # copied into the model and optimizer: not kept for the run
         config = dict(run=self.dir.name, dry_run=cfg.dry_run, settings=settings_record(cfg))
         config.update(classes=cfg.classes, device=self.device, torch=torch.__version__)
-        write_file(self.dir / "config.json", json.dumps(config, indent=2).encode())
+        write_text(self.dir / "config.json", json.dumps(config, indent=2))
         print(f"run folder: {self.dir}")
         starts = {"IMAGENET1K_V1": "ImageNet weights (IMAGENET1K_V1)", "none": "random weights"}
         start = starts.get(cfg.weights_setting, f"the weights in {cfg.weights_setting}")
@@ -1085,15 +1071,16 @@ class Run:
         if not self.stopper.should_stop:
             return f"all epochs ran (EPOCHS = {cfg.epochs})"
         done = self.history[-1]["epoch"]
-        skipped = [f"{epoch}:{block}" for epoch, block in cfg.unfreeze_schedule.items()]
-        skipped = [pair for pair in skipped if int(pair.split(":")[0]) > done]
+        later = {epoch: block for epoch, block in cfg.unfreeze_schedule.items() if epoch > done}
+        epochs = f"{self.stopper.bad_epochs} epochs"
+        if self.stopper.bad_epochs == 1:
+            epochs = "1 epoch"
         reason = (
             f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
-            f" by at least {cfg.min_delta:g} for {self.stopper.bad_epochs} epochs"
-            f" (PATIENCE = {cfg.patience})"
+            f" by at least {cfg.min_delta:g} for {epochs} (PATIENCE = {cfg.patience})"
         )
-        if skipped:
-            reason += f"; the scheduled unfreezing {', '.join(skipped)} did not happen"
+        if later:
+            reason += f"; the scheduled unfreezing {schedule_text(later)} did not happen"
         return reason
 
     def finish(self, test_loss, confusion, test_set, predictions):
@@ -1112,7 +1099,7 @@ class Run:
         )
         results["per_class_acc"] = print_report(confusion, cfg.classes)
         results.update(confusion_matrix=confusion.tolist(), classes=cfg.classes)
-        write_file(self.dir / "results.json", json.dumps(results, indent=2).encode())
+        write_text(self.dir / "results.json", json.dumps(results, indent=2))
         save_pictures(self, test_set, predictions)
         if self.interrupted is not None:
             print("\n(interrupted run: not added to summary.csv)" + next_step())
@@ -1154,14 +1141,8 @@ def make_run_folder(cfg):
 def default_run_name(cfg):
     if cfg.dry_run:
         return time.strftime("%m%d-%H%M%S_dry-run")
-    parts = [time.strftime("%m%d-%H%M%S")]
-    if cfg.dataset != "CIFAR10":
-        parts.append(Path(cfg.dataset).name)
-    parts += [cfg.freeze_until, f"{cfg.backbone_lr:.0e}", f"{cfg.head_lr:.0e}"]
-    parts.append(f"{cfg.image_size}px")
-    if cfg.weights_setting == "none":
-        parts.append("scratch")
-    return "_".join(parts)
+    settings = f"{cfg.freeze_until}_{cfg.backbone_lr:.0e}_{cfg.head_lr:.0e}_{cfg.image_size}px"
+    return time.strftime("%m%d-%H%M%S_") + settings
 
 
 def files_in(folder):
@@ -1183,25 +1164,32 @@ def exit_code(interrupt):
 
 # --- Files: every write is atomic, so a crash, Ctrl-C or a full disk never leaves half a file -----
 def save(obj, path):
-    """torch.save(obj, path), atomically. Serialised in memory first: within torch.save, a full
-    disk's OSError turns into an unreadable RuntimeError ("unexpected pos")."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_file(path, buffer.getbuffer())
+    with written(path) as file:
+        torch.save(obj, file)
 
 
-def write_file(path, data):
-    """Write `data` under a temporary name, then rename it over `path`: readers see the old file
-    or the new one, never half of one."""
+def write_text(path, text):
+    with written(path) as file:
+        file.write(text.encode())
+
+
+@contextmanager
+def written(path):
+    """A file to write under a temporary name, renamed over `path` once complete: readers see the
+    old file or the new one, never half of one. A full disk is one line, wherever it fills."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as file:
-            file.write(data)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:
         raise write_error(path, error) from None
+    except RuntimeError as error:  # torch.save's "unexpected pos": the failed write is its context
+        if not isinstance(error.__context__, OSError):
+            raise
+        raise write_error(path, error.__context__) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -1229,7 +1217,7 @@ def csv_text(columns, rows, dialect="excel", header=True):
 
 
 def write_csv(path, columns, rows):
-    write_file(path, csv_text(columns, rows).encode())
+    write_text(path, csv_text(columns, rows))
 
 
 # --- summary.csv: a row per finished run, in a file that is the learner's too ---------------------
@@ -1357,16 +1345,23 @@ def print_blocks(model, optimizer, frozen_bn):
 
 
 def print_report(confusion, classes):
-    """The confusion matrix, with each class's test accuracy."""
-    print("\nconfusion matrix (rows: true class, columns: predicted) and accuracy per class")
-    print(" " * 11 + "".join(f"{name[:5]:>6}" for name in classes) + f"{'accuracy':>9}")
+    """Each class's test accuracy, and the class it is most often taken for: a line a class, for
+    any number of classes (results.json keeps the whole confusion matrix)."""
+    print(f"\n{'class':<14}{'test images':>11}{'accuracy':>10}  most often taken for (images)")
     per_class = {}
     for c, name in enumerate(classes):
         images = confusion[c].sum().item()
-        per_class[name] = confusion[c, c].item() / images if images else None  # None: no test image
-        shown = "n/a" if per_class[name] is None else f"{per_class[name]:.1%}"
-        counts = "".join(f"{n:>6}" for n in confusion[c].tolist())
-        print(f"{name[:10]:<11}{counts}{shown:>9}")
+        per_class[name] = None  # no test image
+        shown = "n/a"
+        if images:
+            per_class[name] = confusion[c, c].item() / images
+            shown = f"{per_class[name]:.1%}"
+        mistakes = confusion[c].clone()
+        mistakes[c] = 0
+        taken_for = "-"
+        if mistakes.max() > 0:
+            taken_for = f"{classes[mistakes.argmax()]} ({mistakes.max()})"
+        print(f"{name[:13]:<14}{images:>11,}{shown:>10}  {taken_for}")
     return per_class
 
 
@@ -1380,9 +1375,8 @@ def new_figure(**options):
 
 
 def save_figure(figure, path):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_file(path, buffer.getbuffer())
+    with written(path) as file:
+        figure.savefig(file, format="png", dpi=100)
 
 
 def draw_inputs(run):
@@ -1474,59 +1468,57 @@ def cli(argv=None):
     try:
         return main(argv)
     except SettingError as error:
-        print(f"fine_tuning.py: error: {error}", file=sys.stderr)
-        return 2
+        return fail(f"fine_tuning.py: error: {error}", 2)
     except (RunError, FloatingPointError) as error:  # FloatingPointError: a nan or inf loss
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return fail(f"error: {error}", 1)
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
         print(next_step())
         return exit_code(interrupt)
     except urllib.error.URLError as error:  # CIFAR-10's download has its own line: the weights'
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
-        print(
-            f"error: could not download the ImageNet weights ({error.reason}). Without internet,"
-            f" put {cached.name} ({IMAGENET.url}) in {cached.parent}, or pass its path:"
-            " --weights PATH. `python fine_tuning.py --dry-run` works offline.",
-            file=sys.stderr,
-        )
-        return 1
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+        where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
+        reason = f"could not download the ImageNet weights ({error.reason})"
+        return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
     except torch.cuda.OutOfMemoryError:
-        print(
-            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size",
-            file=sys.stderr,
+        return fail(
+            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
         )
-        return 1
     except RuntimeError as error:
         if not str(error).startswith("DataLoader worker"):
             raise  # anything else is a bug: keep its traceback
-        if "Terminated" in str(error):  # SIGTERM to the process group ended the workers first
-            print(next_step())
-            return 128 + signal.SIGTERM
-        then = "Try --num-workers 0"
-        if active.run is not None and (active.run.dir / "last.pt").exists():
-            then = (
-                f"Go on without workers: {command('--resume', active.run.dir, '--num-workers', 0)}"
-            )
-        print(
-            f"error: a DataLoader worker died ({str(error).splitlines()[0]}), perhaps for lack of"
-            f" memory. {then}",
-            file=sys.stderr,
-        )
-        return 1
+        return worker_died(error)
     finally:
         remove_unfinished_folder()
         signal.signal(signal.SIGTERM, previous)
 
 
+def worker_died(error):
+    """A DataLoader worker killed (out of memory, say): one line, and the command to go on."""
+    if "Terminated" in str(error):  # SIGTERM to the process group ended the workers first
+        print(next_step())
+        return 128 + signal.SIGTERM
+    then = "Try --num-workers 0"
+    if active.run is not None and (active.run.dir / "last.pt").exists():
+        then = f"Go on without workers: {command('--resume', active.run.dir, '--num-workers', 0)}"
+    worker = str(error).splitlines()[0]
+    return fail(
+        f"error: a DataLoader worker died ({worker}), perhaps for lack of memory. {then}", 1
+    )
+
+
 def remove_unfinished_folder():
-    """A run folder this process made, in which no epoch completed, holds nothing worth keeping."""
+    """A run folder this process made, in which no epoch completed, holds nothing to keep."""
     run = active.run
     active.run = None
-    if run is None or not run.new:
+    if run is None or not run.new or (run.dir / "last.pt").exists():
         return
-    if not (run.dir / "last.pt").exists() and not (run.dir / "results.json").exists():
+    if not (run.dir / "results.json").exists():
         shutil.rmtree(run.dir)
+
+
+def fail(message, code):
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

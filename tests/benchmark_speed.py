@@ -50,13 +50,12 @@ def synchronize(device):
 
 def default_model(device, amp_dtype=None):
     torch.manual_seed(0)
-    model = ft.build_model("none")  # the same compute as the ImageNet weights
+    model = ft.build_model(10, "none")  # the same compute as the ImageNet weights
     ft.freeze(model, ft.FREEZE_UNTIL)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     lrs = ft.block_lrs(ft.BACKBONE_LR, ft.LAYER_LR_DECAY, ft.HEAD_LR)
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.Adam(ft.param_groups(model, lrs), fused=fused)
+    optimizer = torch.optim.Adam(ft.param_groups(model, lrs), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return model, optimizer, scaler
 
@@ -66,21 +65,20 @@ class ScriptLoop:
 
     def __init__(self, data_dir, device, amp_dtype, image_size):
         full_train, test_set, _ = ft.load_cifar10(data_dir)
-        train_set, self.val_set = ft.split_train_val(full_train, ft.VAL_FRACTION, ft.SEED)
-        loaders = ft.make_loaders(train_set, self.val_set, test_set, ft.BATCH_SIZE, 0, device)
+        train_set, self.val_set = ft.split_off(full_train, ft.VAL_FRACTION)
+        loaders = ft.make_loaders(train_set, self.val_set, test_set, ft.BATCH_SIZE, 0, ft.SEED)
         self.loader, self.val_loader, _ = loaders
         self.model, self.optimizer, self.scaler = default_model(device, amp_dtype)
-        self.prepare = ft.ImageNetInput(image_size).to(device)
-        self.device, self.amp_dtype, self.epoch = device, amp_dtype, 0
+        self.inputs = ft.ModelInput(image_size, ft.SEED).to(device)
+        self.device, self.amp_dtype = device, amp_dtype
 
     def run(self, steps):
-        self.epoch += 1
         batches = torch.utils.data.Subset(self.loader.dataset, range(steps * ft.BATCH_SIZE))
-        sampler = torch.utils.data.RandomSampler(batches, generator=torch.Generator())
+        sampler = torch.utils.data.RandomSampler(batches, generator=self.loader.sampler.generator)
         loader = DataLoader(batches, ft.BATCH_SIZE, sampler=sampler, drop_last=True)
-        seed = ft.epoch_seed(ft.SEED, self.epoch)
-        args = (self.model, loader, self.optimizer, self.scaler, self.prepare, seed)
-        ft.train_one_epoch(*args, ft.FROZEN_BN, self.amp_dtype)
+        ft.set_train_mode(self.model, ft.FROZEN_BN)
+        args = (self.model, loader, self.optimizer, self.scaler, self.inputs, self.amp_dtype)
+        ft.train_one_epoch(*args)
         synchronize(self.device)
 
 
@@ -124,7 +122,7 @@ class BaselineLoop:
         )
         self.batches = self.cycle(loader)
         torch.manual_seed(0)
-        self.model = ft.build_model("none")
+        self.model = ft.build_model(10, "none")
         ft.freeze(self.model, ft.FREEZE_UNTIL)
         self.model.to(device)
         lrs = ft.block_lrs(ft.BACKBONE_LR, ft.LAYER_LR_DECAY, ft.HEAD_LR)
@@ -167,7 +165,7 @@ def augmentation_cost(device, repeats=50):
     images = torch.randint(0, 256, (ft.BATCH_SIZE, 3, 32, 32), dtype=torch.uint8)
     per_image = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
     generator = torch.Generator().manual_seed(0)
-    on_device = images.to(device)
+    on_device = images.to(device).float() / 255  # the script crops pixels from 0 to 1
     timings = {}
     for name, work in [
         (
@@ -213,7 +211,7 @@ def main():
     parser.add_argument("--epoch", action="store_true", help="then time one whole real run")
     args = parser.parse_args()
     image_size = args.image_size or (224 if torch.cuda.is_available() else 32)
-    device, amp_dtype = ft.choose_device(image_size)
+    device, amp_dtype = ft.choose_device()
     steps = args.steps or (200 if device.type == "cuda" else 40)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -238,7 +236,7 @@ def main():
         rates = measure(loops, steps, args.rounds)
         script = loops[0]
         start = time.perf_counter()
-        ft.evaluate(script.model, script.val_loader, script.prepare, amp_dtype)
+        ft.evaluate(script.model, script.val_loader, script.inputs, amp_dtype)
         synchronize(device)
         validation_s = time.perf_counter() - start
         augmentation = augmentation_cost(device)

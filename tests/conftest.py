@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.hub
+from PIL import Image
 from torchvision import datasets, models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,24 @@ def epoch_row(process, epoch):
 
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+PHOTOS = [((120, 90), "RGB", "jpg"), ((100, 100), "L", "png"), ((90, 140), "RGBA", "png"),
+          ((160, 96), "P", "png"), ((96, 128), "L", "jpg")]  # fmt: skip
+
+
+def write_image_folder(folder, classes=("ants", "bees", "wasps"), per_class=8):
+    """Images as a learner's photos come: sizes, modes (RGB, grayscale, RGBA, palette) and formats
+    of all kinds, a tint per class and noise, in torchvision's ImageFolder layout; and a file that
+    is not an image, which ImageFolder skips."""
+    generator = torch.Generator().manual_seed(len(str(folder)))
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            size, mode, suffix = PHOTOS[i % len(PHOTOS)]
+            pixels = torch.randint(0, 100, (size[1], size[0], 3), generator=generator)
+            pixels[..., c % 3] += 155
+            image = Image.fromarray(pixels.to(torch.uint8).numpy()).convert(mode)
+            image.save(folder / name / f"{i}.{suffix}")
+        (folder / name / "notes.txt").write_text("not an image")
+    return folder

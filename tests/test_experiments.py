@@ -74,5 +74,8 @@ def test_an_experiment_runs_as_a_dry_run_and_shows_its_effect(command, tmp_path,
     if "--monitor" in options:
         assert f"the best {options['--monitor']}, from best.pt" in out
     if "--image-size" in options:
-        assert f"image size: {options['--image-size']}px" in out
+        seen = f"32 px, the model sees {options['--image-size']} px\n"
+        if options["--image-size"] == "32":
+            seen = " classes, 32 px\n"
+        assert seen in out
     assert "test accuracy" in out and "Traceback" not in err

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_the_gpu_gets_the_precision_its_compute_capability_allows():
-    device, amp_dtype = ft.choose_device(224)
+    device, amp_dtype = ft.choose_device()
     major = torch.cuda.get_device_capability()[0]
     expected = None
     if major >= 8:
@@ -25,24 +25,24 @@ def test_the_gpu_gets_the_precision_its_compute_capability_allows():
 
 def test_inputs_prepared_on_the_gpu_match_the_cpus():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).pin_memory()
-    on_gpu = ft.ImageNetInput(224).cuda()(images.to("cuda", non_blocking=True)).cpu()
-    assert torch.allclose(on_gpu, ft.ImageNetInput(224)(images), atol=1e-4)
+    on_gpu = ft.ModelInput(224, 0).cuda().eval()(images.to("cuda", non_blocking=True)).cpu()
+    assert torch.allclose(on_gpu, ft.ModelInput(224, 0).eval()(images), atol=1e-4)
 
 
 def test_the_confusion_matrix_counted_on_the_gpu_is_the_cpus():
     torch.manual_seed(0)
-    model = ft.build_model("none")
+    model = ft.build_model(10, "none")
     images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
     loader = DataLoader(TensorDataset(images, torch.arange(256) % 10), 64)
-    _, on_cpu, _ = ft.evaluate(model, loader, ft.ImageNetInput(32))
-    _, on_gpu, _ = ft.evaluate(model.cuda(), loader, ft.ImageNetInput(32).cuda())
+    _, on_cpu, _ = ft.evaluate(model, loader, ft.ModelInput(32, 0))
+    _, on_gpu, _ = ft.evaluate(model.cuda(), loader, ft.ModelInput(32, 0).cuda())
     assert on_gpu.sum() == 256 and (on_gpu - on_cpu).abs().sum() <= 4  # a near tie may flip
 
 
 def test_frozen_blocks_stay_frozen_in_mixed_precision():
-    device, amp_dtype = ft.choose_device(224)
+    device, amp_dtype = ft.choose_device()
     torch.manual_seed(0)
-    model = ft.build_model("none")
+    model = ft.build_model(10, "none")
     ft.freeze(model, "layer2")
     model.to(device, memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -53,8 +53,9 @@ def test_frozen_blocks_stay_frozen_in_mixed_precision():
     dataset = TensorDataset(images, torch.arange(128) % 10)
     sampler = RandomSampler(dataset, generator=torch.Generator())
     loader = DataLoader(dataset, 32, sampler=sampler, drop_last=True, pin_memory=True)
-    prepare = ft.ImageNetInput(224).to(device)
-    loss, _ = ft.train_one_epoch(model, loader, optimizer, scaler, prepare, 0, "eval", amp_dtype)
+    inputs = ft.ModelInput(224, 0).to(device)
+    ft.set_train_mode(model, "eval")
+    loss, _ = ft.train_one_epoch(model, loader, optimizer, scaler, inputs, amp_dtype)
     assert 0 < loss < 10
     for key, value in model.state_dict().items():
         if key.startswith(("conv1.", "bn1.", "layer1.", "layer2.")):
@@ -64,4 +65,4 @@ def test_frozen_blocks_stay_frozen_in_mixed_precision():
 def test_a_dry_run_on_the_gpu_trains_tests_and_reports(tmp_path, capsys):
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
     assert code == 0, err
-    assert "device: cuda (" in out and "image size: 224px" in out and "test accuracy" in out
+    assert "device: cuda (" in out and "the model sees 224 px" in out and "test accuracy" in out

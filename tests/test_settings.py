@@ -11,7 +11,7 @@ import torch
 from torchvision import models
 
 import fine_tuning as ft
-from conftest import ROOT, run
+from conftest import ROOT, run, write_image_folder
 
 
 def test_help_lists_every_setting_with_its_default(capsys):
@@ -195,6 +195,18 @@ def test_a_copied_imagenet_file_given_by_path_is_used(real_files, torch_home, tm
     code, out, err = run(capsys, *args, "--batch-size", "8")
     assert code == 0, err
     assert f"model: ResNet18, the weights in {copy}, new 10-class head" in out
+
+
+def test_an_earlier_runs_best_pt_is_a_start_whatever_its_head(real_files, tmp_path, capsys):
+    code, _, err = run(capsys, "--data-dir", real_files, "--output-dir", tmp_path, "--epochs", "1",
+                       "--batch-size", "8", "--run-name", "first")  # fmt: skip
+    assert code == 0, err
+    best = tmp_path / "first" / "best.pt"  # a 10-class head; the folder below has 3 classes
+    folder = write_image_folder(tmp_path / "photos")
+    args = ["--weights", best, "--dataset", folder, "--output-dir", tmp_path, "--epochs", "1"]
+    code, out, err = run(capsys, *args, "--batch-size", "8")
+    assert code == 0, err
+    assert f"model: ResNet18, the weights in {best}, new 3-class head" in out
 
 
 def script_with(env_code, tmp_path):

@@ -223,14 +223,13 @@ def test_resume_refuses_settings_that_change_the_result(
 
 
 def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
-    assert (
-        run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f")[0]
-        == 0
+    code, _, err = run(
+        capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f"
     )
+    assert code == 0, err
     code, _, err = run(capsys, "--resume", tmp_path / "f")
-    assert code == 2 and err.endswith(
-        f"--resume: {tmp_path / 'f'} has finished; see its results.json\n"
-    )
+    assert code == 2
+    assert err.endswith(f"--resume: {tmp_path / 'f'} has no last.pt: it finished, or never began\n")
     code, _, err = run(capsys, "--resume", tmp_path / "nowhere")
     assert code == 2 and err.endswith(f"--resume: there is no folder {tmp_path / 'nowhere'}\n")
 

@@ -1,0 +1,137 @@
+"""Your own images: a folder with train/ and test/ (or val/), or with class folders alone, through
+the same lesson, reports and pictures as CIFAR-10; and a clear line, before any training, for a
+folder that cannot be used."""
+
+import json
+
+import pytest
+
+import fine_tuning as ft
+from conftest import load_state, run, write_image_folder
+
+
+def folder_run(root, out, *extra):
+    return ["--dataset", root, "--output-dir", out, "--batch-size", "8", "--epochs", "2", *extra]
+
+
+def test_a_folder_with_train_and_test_trains_tests_and_reports_with_its_class_names(
+    real_files, tmp_path, capsys
+):
+    root = tmp_path / "insects"
+    write_image_folder(root / "train")
+    write_image_folder(root / "test", per_class=3)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--run-name", "mine"))
+    assert code == 0, err
+    # 24 training images of about 100 px: 3 validation images held out, 3 classes, on the CPU at
+    # the images' own size (the median of their shorter sides).
+    assert "data: 21 train / 3 validation / 9 test (test/) images, 3 classes, 93 px\n" in out
+    assert "model: ResNet18, ImageNet weights (IMAGENET1K_V1), new 3-class head" in out
+    assert "fc      trainable         1,539  1.0e-03  -" in out  # 512 x 3 + 3 parameters
+    assert "\nclass          test images  accuracy  most often taken for (images)\nants " in out
+    run_dir = tmp_path / "runs" / "mine"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["classes"] == ["ants", "bees", "wasps"]
+    assert sorted(results["per_class_acc"]) == ["ants", "bees", "wasps"]
+    assert load_state(run_dir / "best.pt")["fc.weight"].shape == (3, 512)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["DATASET"] == str(root) and config["settings"]["IMAGE_SIZE"] == 93
+
+
+def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_test(
+    real_files, tmp_path, capsys
+):
+    alone = write_image_folder(tmp_path / "alone", per_class=10)
+    code, out, err = run(capsys, *folder_run(alone, tmp_path / "runs"))
+    assert code == 0, err
+    assert "data: 24 train / 3 validation / 3 test (held out) images, 3 classes" in out
+    tutorial = tmp_path / "hymenoptera_data"  # PyTorch's tutorial: train/ and val/
+    write_image_folder(tutorial / "train", ("ants", "bees"))
+    write_image_folder(tutorial / "val", ("ants", "bees"), per_class=2)
+    code, out, err = run(capsys, *folder_run(tutorial, tmp_path / "runs", "--image-size", "64"))
+    assert code == 0, err
+    assert "data: 14 train / 2 validation / 4 test (val/) images, 2 classes, 64 px\n" in out
+    table = out[out.index("runs so far") :]
+    assert f"DATASET={alone}" in table  # the runs table tells one folder from another
+    assert "\nvs " not in table  # and compares a run only with runs on the same data
+
+
+def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "photos")
+    args = folder_run(root, tmp_path / "runs", "--dry-run", "--image-size", "224")
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "dry run: your images, random weights, 2 batches per phase" in out
+    assert "images, 3 classes, 93 px, the model sees 224 px\n" in out
+    assert "model: ResNet18, random weights, new 3-class head" in out
+
+
+def test_the_inputs_picture_shows_a_folders_classes(with_matplotlib, tmp_path, capsys, monkeypatch):
+    root = write_image_folder(tmp_path / "photos")
+    drawn = []
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.append(figure))
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run", "--epochs", "1"))
+    assert code == 0, err
+    titles = [axis.get_title() for axis in drawn[0].axes]  # inputs.png, drawn first
+    assert len(titles) == 16 and set(titles) == {"ants", "bees", "wasps"}
+
+
+def broken(tmp_path, kind):
+    """A folder with one thing wrong with it."""
+    root = tmp_path / kind.replace(" ", "_")
+    if kind == "no class folders":
+        root.mkdir()
+        (root / "photo.jpg").write_bytes(b"")
+    elif kind == "one class":
+        write_image_folder(root, ["cats"])
+    elif kind == "an empty class":
+        write_image_folder(root, ["cats", "dogs"])
+        (root / "birds").mkdir()
+    elif kind == "other test classes":
+        write_image_folder(root / "train", ["cats", "dogs"])
+        write_image_folder(root / "test", ["cats", "horses"], per_class=2)
+    return root
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("no class folders", "Couldn't find any class folder in"),
+     ("one class", "has one class folder, cats; a classifier needs two or more"),
+     ("an empty class", "Found no valid file for the classes birds"),
+     ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
+      " train/ (cats, dogs)")],
+)  # fmt: skip
+def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tmp_path, capsys):
+    root = broken(tmp_path, kind)
+    code, out, err = run(capsys, "--dataset", root, "--output-dir", tmp_path / "runs")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("fine_tuning.py: error: DATASET (--dataset): ")
+    assert message.format(root=root) in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_image_that_cannot_be_read_is_named_and_exits_1(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "photos")
+    (root / "bees" / "7.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: cannot read the image {root / 'bees' / '7.jpg'} (")
+    assert err.endswith("): delete or replace it\n")
+
+
+def test_a_folder_too_large_for_memory_says_how_large_and_what_to_change(
+    tmp_path, capsys, monkeypatch
+):
+    root = write_image_folder(tmp_path / "photos")
+    pages = {"SC_PAGE_SIZE": 1000, "SC_PHYS_PAGES": 1000}  # a machine with 1 MB of memory
+    monkeypatch.setattr(ft.os, "sysconf", lambda name: pages[name])
+    code, out, err = run(capsys, "--dataset", root, "--output-dir", tmp_path / "runs")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        f"DATASET (--dataset): the 24 images of {root} need 1 MB at 93 px, more than half of"
+        " this machine's 1 MB. Set a smaller IMAGE_SIZE (--image-size): 83 px fits"
+    ) in err
+
+
+def test_cifar10_stays_the_default_and_its_name_is_read_in_any_case():
+    assert ft.parse_settings(["--dry-run"]).dataset == "CIFAR10"
+    assert ft.parse_settings(["--dataset", "cifar10", "--dry-run"]).dataset == "CIFAR10"
