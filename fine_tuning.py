@@ -551,7 +551,7 @@ CIFAR10_PER_CLASS = 5_000  # training images per class: the splits are checked b
 CIFAR10_HOME = "https://www.cs.toronto.edu/~kriz/cifar.html"
 OFFLINE = "`python fine_tuning.py --dry-run` works offline."
 DRY_RUN_BATCHES = 2  # --dry-run: batches per phase (train, validation, test)
-DRY_RUN_EPOCHS = 3  # --dry-run: epochs, unless --epochs is given or the schedule needs more
+DRY_RUN_EPOCHS = 2  # --dry-run: epochs, unless --epochs is given or the schedule needs more
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
@@ -1165,7 +1165,12 @@ def exit_code(interrupt):
 # --- Files: every write is atomic, so a crash, Ctrl-C or a full disk never leaves half a file -----
 def save(obj, path):
     with written(path) as file:
-        torch.save(obj, file)
+        try:
+            torch.save(obj, file)
+        except RuntimeError as error:  # "unexpected pos": torch.save wraps what stopped its write
+            if error.__context__ is None:
+                raise
+            raise error.__context__ from None  # a full disk, Ctrl-C, a DataLoader worker's death
 
 
 def write_text(path, text):
@@ -1186,10 +1191,6 @@ def written(path):
         os.replace(temporary, path)
     except OSError as error:
         raise write_error(path, error) from None
-    except RuntimeError as error:  # torch.save's "unexpected pos": the failed write is its context
-        if not isinstance(error.__context__, OSError):
-            raise
-        raise write_error(path, error.__context__) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -69,6 +69,34 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses
     assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
 
 
+class Interrupted(io.FileIO):
+    """A file whose writing Ctrl-C interrupts after 1,000 bytes."""
+
+    def write(self, data):
+        if self.tell() > 1000:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_stops_cleanly_with_the_last_one_whole(
+    tmp_path, capsys, monkeypatch
+):
+    writes = []
+
+    def open_file(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".last.pt.tmp"):
+            writes.append(path)
+            if len(writes) == 2:
+                return Interrupted(path, "w")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "open", open_file, raising=False)
+    code, out, err = run(capsys, *dry(tmp_path, "--run-name", "saving"))
+    assert code == 130 and not err, err  # not torch.save's "unexpected pos"
+    assert "stopped: interrupted (Ctrl-C)" in out and "resume with: " in out
+    assert load_state(tmp_path / "saving" / "last.pt")["epoch"] == 1
+
+
 def test_a_full_disk_in_the_first_epoch_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
     def full(path, mode="r", *args, **kwargs):
         if str(path).endswith(".tmp"):
@@ -81,12 +109,11 @@ def test_a_full_disk_in_the_first_epoch_leaves_no_run_folder(tmp_path, capsys, m
     assert not (tmp_path / "nothing").exists()
 
 
-def test_every_new_run_gets_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+def test_every_new_run_gets_a_folder_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(ft.time, "strftime", lambda *args: "1201-120000_dry-run")  # the same second
-    for _ in range(3):
-        assert run(capsys, *dry(tmp_path, "--epochs", "1"))[0] == 0
-    names = sorted(path.name for path in tmp_path.iterdir() if path.is_dir())
-    assert names == ["1201-120000_dry-run", "1201-120000_dry-run-2", "1201-120000_dry-run-3"]
+    cfg = ft.parse_settings(["--dry-run", "--output-dir", tmp_path])
+    made = [ft.make_run_folder(cfg).name for _ in range(3)]
+    assert made == ["1201-120000_dry-run", "1201-120000_dry-run-2", "1201-120000_dry-run-3"]
 
 
 def test_an_existing_run_name_is_refused(tmp_path, capsys):

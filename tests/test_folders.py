@@ -27,7 +27,7 @@ def test_a_folder_with_train_and_test_trains_tests_and_reports_with_its_class_na
     assert "data: 21 train / 3 validation / 9 test (test/) images, 3 classes, 93 px\n" in out
     assert "model: ResNet18, ImageNet weights (IMAGENET1K_V1), new 3-class head" in out
     assert "fc      trainable         1,539  1.0e-03  -" in out  # 512 x 3 + 3 parameters
-    assert "\nclass          test images  accuracy  most often taken for (images)\nants " in out
+    assert "  accuracy  most often taken for (images)\nants " in out
     run_dir = tmp_path / "runs" / "mine"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["classes"] == ["ants", "bees", "wasps"]

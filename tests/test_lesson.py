@@ -274,7 +274,7 @@ def test_the_training_step_runs_under_autocast_and_the_gradient_scaler(amp_dtype
     before = snapshot(model)
     optimizer, _ = adam(model)
     scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
-    loss, accuracy = train(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, n=32)
+    loss, accuracy = train(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, n=16)
     assert 0 < loss < 10 and 0 <= accuracy <= 1
     assert not [key for key in changed(before, model) if key.startswith(("conv1.", "layer1."))]
 

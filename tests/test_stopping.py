@@ -58,7 +58,7 @@ def test_ctrl_c_mid_epoch_tests_the_best_weights_and_the_resume_is_exact(
     args = tiny(real_files, tmp_path, "--epochs", "3", "--patience", "5", "--min-delta", "0")
     with monkeypatch.context() as patch:
         ctrl_c_at_batch(patch, 11 + 5)
-        code, out, err = run(capsys, *args, "--run-name", "stopped", "--num-workers", "2")
+        code, out, err = run(capsys, *args, "--run-name", "stopped")
     run_dir = tmp_path / "stopped"
     assert code == 130 and "Traceback" not in err, out + err
     assert "stopped: interrupted (Ctrl-C)" in out
@@ -66,8 +66,8 @@ def test_ctrl_c_mid_epoch_tests_the_best_weights_and_the_resume_is_exact(
     assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
     assert json.loads((run_dir / "results.json").read_text())["stop_reason"].startswith("interr")
     assert len(history(run_dir)) == 1 and load_state(run_dir / "last.pt")["epoch"] == 1
-    # Resumed, without the workers, it ends with exactly the weights of an unbroken run.
-    code, out, err = run(capsys, "--resume", run_dir, "--num-workers", "0")
+    # Resumed, with two DataLoader workers, it ends with exactly the weights of an unbroken run.
+    code, out, err = run(capsys, "--resume", run_dir, "--num-workers", "2")
     assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
     code, _, err = run(capsys, *args, "--run-name", "straight")
     assert code == 0, err
@@ -103,7 +103,7 @@ def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeyp
         return evaluate(model, loader, inputs, amp_dtype, desc)
 
     monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_test)
-    ctrl_c_at_batch(monkeypatch, 2 * 2 + 1)  # a dry run's epochs have 2 batches: in epoch 3
+    ctrl_c_at_batch(monkeypatch, 2 + 1)  # a dry run's epochs have 2 batches: in epoch 2
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "twice")
     assert code == 130 and "test accuracy" not in out and not err, out + err
     assert out.endswith(f"resume with: python fine_tuning.py --resume {tmp_path / 'twice'}\n")
