@@ -181,8 +181,8 @@ def make_loaders(train_set, val_set, test_set, batch_size, num_workers, seed):
 ## - photos: a crop of 35% to 100% of the image, 3:4 to 4:3 in shape, resized back to the full
 ##   size, as v2.RandomResizedCrop(size, scale=(0.35, 1)) does. torchvision's ImageNet recipe
 ##   keeps as little as 8%, for 90 epochs from scratch; fastai fine-tunes with 35%.
-## Both run on a batch, on the device: v2's transforms image by image on the CPU cost 184 us an
-## image, this 7 us (tests/benchmark_speed.py), and CPU work per image can starve a fast GPU.
+## Both run on a batch, on the device: v2's transforms image by image on the CPU cost 134 us an
+## image, this 16 us (tests/benchmark_speed.py), and CPU work per image can starve a fast GPU.
 def random_crop_flip(images, generator, padding=4):
     n, _, height, width = images.shape
     padded = F.pad(images, [padding] * 4)
@@ -864,7 +864,7 @@ def load_data(cfg):
 
 def auto_image_size(own_size):
     """IMAGE_SIZE "auto": ImageNet's 224 px on CUDA; elsewhere the images' own size, up to 224
-    (CIFAR-10 at 224 px costs a CPU 27x the time of 32 px: README, Speed)."""
+    (CIFAR-10 at 224 px costs a CPU 10 times the time of 32 px, or more: README, Speed)."""
     if torch.cuda.is_available():
         return 224
     return min(224, own_size)

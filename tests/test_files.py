@@ -64,9 +64,10 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses
         "history.csv",
         "last.pt",
     ]
-    monkeypatch.undo()
-    code, out, err = run(capsys, "--resume", run_dir)
-    assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
+    if name == "last.pt":  # and it goes on from there
+        monkeypatch.undo()
+        code, out, err = run(capsys, "--resume", run_dir)
+        assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
 
 
 class Interrupted(io.FileIO):
