@@ -20,14 +20,10 @@ DATA_DIR = "./data"  # CIFAR-10 (about 170 MB) is downloaded here on the first r
 SEED = 0  # fixes the new head's first weights, the shuffle and the augmentation (not the split)
 VAL_FRACTION = 0.1  # of each class's training images: CIFAR-10's 50,000 -> 45,000 + 5,000
 TRAIN_PER_CLASS = "all"  # "all", or keep N training images per class: try 100 (little data)
-IMAGE_SIZE = (
-    "auto"  # pixels the model sees: "auto" = 224 on CUDA; elsewhere the images' own, <= 224
-)
+IMAGE_SIZE = "auto"  # pixels the model sees: "auto" = 224 on CUDA, else the images' own, <= 224
 # model
 WEIGHTS = "IMAGENET1K_V1"  # ImageNet's; "none": random (from scratch); or a ResNet18 weights file
-FREEZE_UNTIL = (
-    "layer2"  # last frozen block: none, stem, layer1..layer4 (layer4: only the head learns)
-)
+FREEZE_UNTIL = "layer2"  # last frozen block: none, stem, layer1..layer4 (layer4: head only)
 UNFREEZE_SCHEDULE = {}  # gradual unfreezing: {5: "layer2"} releases layer2 at the start of epoch 5
 FROZEN_BN = "eval"  # BatchNorm of frozen blocks: "eval" keeps ImageNet's statistics, "train" adapts
 # optimizer
@@ -149,9 +145,8 @@ def split_off(dataset, fraction, train_per_class="all"):
     """(kept, held_out) TensorDatasets, by stratified_split()."""
     images, labels = dataset.tensors
     kept, held_out = stratified_split(labels, fraction, train_per_class)
-    return TensorDataset(images[kept], labels[kept]), TensorDataset(
-        images[held_out], labels[held_out]
-    )
+    kept_set = TensorDataset(images[kept], labels[kept])
+    return kept_set, TensorDataset(images[held_out], labels[held_out])
 
 
 def make_loaders(train_set, val_set, test_set, batch_size, num_workers, seed):
@@ -206,15 +201,15 @@ def random_resized_crop_flip(images, generator, scale=(0.35, 1.0), ratio=(3 / 4,
     widths = (areas * log_ratio.exp()).sqrt().round().clamp(1, size).long()
     tops = (torch.rand(n, generator=generator) * (size - heights + 1)).long()
     lefts = (torch.rand(n, generator=generator) * (size - widths + 1)).long()
+    boxes = torch.stack([tops, lefts, heights, widths], 1).tolist()
     flips = (torch.rand(n, generator=generator) < 0.5).tolist()
     crops = []
-    for i, flip in enumerate(flips):
-        top, left, height, width = tops[i], lefts[i], heights[i], widths[i]
-        crop = images[i : i + 1, :, top : top + height, left : left + width]
-        crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+    for image, (top, left, height, width), flip in zip(images, boxes, flips, strict=True):
+        crop = image[None, :, top : top + height, left : left + width]
+        crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0]
         if flip:
             crop = crop.flip(-1)
-        crops.append(crop[0])
+        crops.append(crop)
     return torch.stack(crops)
 
 
@@ -1251,7 +1246,7 @@ def read_summary(path, row):
         if not text:  # none yet, or another run is writing its first row
             return [], [], "excel", ""
         dialect = csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t")
-        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+        reader = csv.DictReader(io.StringIO(text), restval="", dialect=dialect)
         rows = list(reader)
         problems = [f"no column {name}" for name in row if name not in reader.fieldnames]
     except FileNotFoundError:
@@ -1287,10 +1282,8 @@ def print_runs(rows, shown=8):
     names = [name for name in SETTINGS if name not in WHERE]
     changes = [[name for name in names if row.get(name) != now[name]] for row in runs]
     print(
-        f"\nruns so far (the last {min(shown, len(runs))} of {len(runs)} in summary.csv; val acc:",
-        end="",
+        f"\nthe last {min(shown, len(runs))} of {len(runs)} runs in summary.csv (val acc: best epoch's)"
     )
-    print(" the validation accuracy of the best epoch)")
     print(f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs")
     for row, changed in zip(runs[-shown:], changes[-shown:], strict=True):
         figures = f"{percent(row, 'best_val_acc'):>8}{percent(row, 'test_acc'):>9}"

@@ -50,7 +50,7 @@ def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_tes
     code, out, err = run(capsys, *folder_run(tutorial, tmp_path / "runs", "--image-size", "64"))
     assert code == 0, err
     assert "data: 14 train / 2 validation / 4 test (val/) images, 2 classes, 64 px\n" in out
-    table = out[out.index("runs so far") :]
+    table = out[out.index("runs in summary.csv") :]
     assert f"DATASET={alone}" in table  # the runs table tells one folder from another
     assert "\nvs " not in table  # and compares a run only with runs on the same data
 

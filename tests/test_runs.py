@@ -111,7 +111,7 @@ def test_each_run_is_compared_with_the_earlier_run_that_differs_from_it_least(
     assert "the sampling error of the 10 validation images (two standard errors)" in line
     assert line.endswith("Runs with another --seed show how much runs differ.")
     out = printed["size"]
-    table = out[out.index("runs so far (the last 3 of 3 in summary.csv;") :].splitlines()
+    table = out[out.index("the last 3 of 3 runs in summary.csv") :].splitlines()
     assert table[2].endswith("  default: IMAGE_SIZE=32")  # where each differs from this run
     assert table[3].endswith("  head: IMAGE_SIZE=32 HEAD_LR=0.003")
     assert table[4].endswith("  size: ")
