@@ -1281,9 +1281,8 @@ def print_runs(rows, shown=8):
     now = runs[-1]
     names = [name for name in SETTINGS if name not in WHERE]
     changes = [[name for name in names if row.get(name) != now[name]] for row in runs]
-    print(
-        f"\nthe last {min(shown, len(runs))} of {len(runs)} runs in summary.csv (val acc: best epoch's)"
-    )
+    last = f"the last {min(shown, len(runs))} of {len(runs)} runs in summary.csv"
+    print(f"\n{last} (val acc: the best epoch's, on the validation split)")
     print(f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs")
     for row, changed in zip(runs[-shown:], changes[-shown:], strict=True):
         figures = f"{percent(row, 'best_val_acc'):>8}{percent(row, 'test_acc'):>9}"
@@ -1373,11 +1372,22 @@ def save_figure(figure, path):
         figure.savefig(file, format="png", dpi=100)
 
 
-def draw_inputs(run):
-    """inputs.png: 16 training images as the model gets them: augmented, at IMAGE_SIZE."""
-    figure = new_figure(figsize=(8, 8.6))
+def image_grid(images, titles, title, path):
+    """A picture of up to 16 images (N, height, width, 3), each with its title."""
+    figure = new_figure(figsize=(8, 9))
     if figure is None:
         return
+    for axis in figure.subplots(4, 4).flat:
+        axis.set_axis_off()
+    for axis, image, text in zip(figure.axes, images, titles, strict=False):
+        axis.imshow(image.numpy())
+        axis.set_title(text, fontsize=10)
+    figure.suptitle(f"{path.parent.name}: {title}")
+    save_figure(figure, path)
+
+
+def draw_inputs(run):
+    """inputs.png: 16 training images as the model gets them: augmented, at IMAGE_SIZE."""
     images, labels = run.train_set.tensors
     every = max(1, len(labels) // 16)  # spread out: a folder's images come class by class
     state = run.inputs.generator.get_state()  # the picture must not change what training draws
@@ -1386,15 +1396,8 @@ def draw_inputs(run):
         x = run.inputs(images[::every][:16].to(run.inputs.mean.device))
     run.inputs.generator.set_state(state)
     pixels = (x * run.inputs.std + run.inputs.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
-    for axis, image, label in zip(
-        figure.subplots(4, 4).flat, pixels, labels[::every], strict=False
-    ):
-        axis.imshow(image.numpy())
-        axis.set_title(run.cfg.classes[label], fontsize=10)
-    for axis in figure.axes:
-        axis.set_axis_off()
-    figure.suptitle(f"{run.dir.name}: training inputs as the model sees them")
-    save_figure(figure, run.dir / "inputs.png")
+    titles = [run.cfg.classes[label] for label in labels[::every][:16]]
+    image_grid(pixels, titles, "training inputs as the model sees them", run.dir / "inputs.png")
 
 
 def save_pictures(run, test_set, predictions):
@@ -1420,17 +1423,13 @@ def save_pictures(run, test_set, predictions):
     predicted = predictions[:, 0].long()
     confidence = predictions[:, 1]
     wrong = (predicted != labels).nonzero().flatten()
-    worst = wrong[confidence[wrong].argsort(descending=True)][:16].tolist()
-    mistakes = new_figure(figsize=(8, 9))
-    for axis in mistakes.subplots(4, 4).flat:
-        axis.set_axis_off()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:16]
     classes = run.cfg.classes
-    for axis, i in zip(mistakes.axes, worst, strict=False):  # fewer than 16 when few are wrong
-        axis.imshow(images[i].permute(1, 2, 0).numpy())
-        title = f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})"
-        axis.set_title(title, fontsize=10)
-    mistakes.suptitle(f"run {run.dir.name}: the most confidently wrong test images")
-    save_figure(mistakes, run.dir / "mistakes.png")
+    titles = [
+        f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})" for i in worst
+    ]
+    pixels = images[worst].permute(0, 2, 3, 1)
+    image_grid(pixels, titles, "the most confidently wrong test images", run.dir / "mistakes.png")
 
 
 # --- Progress, signals, and the command line's entry point ----------------------------------------
