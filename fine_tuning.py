@@ -66,7 +66,7 @@ from types import SimpleNamespace
 try:
     import torch
     import torch.nn.functional as F
-    from PIL import Image
+    from PIL import Image, ImageOps
     from torch import nn
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
@@ -940,7 +940,7 @@ def open_rgb(path):
     """ImageFolder's loader: the image in RGB, or one line naming a file that is not an image."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # a phone's photo, upright
     except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
         raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None
 

@@ -140,6 +140,15 @@ def test_a_folder_of_images_of_any_size_and_mode_becomes_one_uint8_tensor(tmp_pa
     assert images[5:, 0].float().mean() > 150 > images[:5, 0].float().mean()  # red: the dogs
 
 
+def test_a_phones_photo_is_read_upright(tmp_path):
+    # Phones save a photo as the sensor saw it, with an EXIF tag saying how to turn it (6: 90°).
+    image = Image.new("RGB", (60, 40), (200, 30, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "sideways.jpg", exif=exif)
+    assert ft.open_rgb(tmp_path / "sideways.jpg").size == (40, 60)
+
+
 # --- The model and its new head -------------------------------------------------------------------
 def test_the_new_head_has_an_output_per_class_and_any_resnet18_state_dict_is_a_start(tmp_path):
     torch.manual_seed(0)
