@@ -43,3 +43,13 @@ def test_the_readmes_lessons_follow_the_quick_start_and_are_the_codes_sections()
     in_code = re.findall(r"^# === (\d+\. .+?) =+$", code, re.MULTILINE)
     assert re.findall(r"^### (.+)$", lessons, re.MULTILINE) == in_code
     assert len(in_code) == 8
+
+
+def test_the_quick_start_installs_the_right_torch_on_windows_with_an_nvidia_gpu():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quick start") : readme.index("## The lessons")]
+    assert "index-url https://download.pytorch.org/whl/cpu     # no NVIDIA GPU" in quick
+    assert re.search(
+        r"index-url https://download.pytorch.org/whl/cu\d+ +# Windows \+ NVIDIA", quick
+    )
+    assert "PyPI's torch for Windows is CPU-only" in quick

@@ -134,6 +134,21 @@ def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_settin
     assert train_set.tensors[0].dtype == torch.uint8 and classes == ft.CIFAR10_CLASSES
 
 
+def test_adam_is_fused_on_every_device(tmp_path, capsys, monkeypatch):
+    # One kernel on CUDA and MPS, one C++ loop on the CPU: torch 2.5 and newer have all three.
+    made = []
+    adam = torch.optim.Adam
+
+    def record(*args, **kwargs):
+        made.append(kwargs)
+        return adam(*args, **kwargs)
+
+    monkeypatch.setattr(ft.torch.optim, "Adam", record)
+    assert run(capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path)[0] == 0
+    assert made == [{"fused": True}]
+    assert "mps" in torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+
+
 def test_a_nan_loss_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
     cross_entropy = torch.nn.functional.cross_entropy
     calls = []

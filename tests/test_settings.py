@@ -3,6 +3,7 @@ refused in one line that names the setting, its flag, the value and what is allo
 mistyped flag gets the nearest one."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,15 @@ def test_an_edited_schedule_is_read_like_the_flag(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(ft, "UNFREEZE_SCHEDULE", {2: "layer2"})
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
     assert code == 0 and "\nunfreezing layer2\n" in out, err
+
+
+def test_the_schedule_comments_example_works_with_the_default_freeze_until(monkeypatch):
+    line = next(line for line in (ROOT / "fine_tuning.py").read_text().splitlines()
+                if line.startswith("UNFREEZE_SCHEDULE ="))  # fmt: skip
+    example = re.search(r"\{\d+: \"\w+\"\}", line).group()  # {5: "layer2"}
+    monkeypatch.setattr(ft, "UNFREEZE_SCHEDULE", eval(example))
+    cfg = ft.parse_settings([])
+    assert cfg.unfreeze_schedule == eval(example) and cfg.freeze_until == ft.FREEZE_UNTIL
 
 
 def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):

@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -179,19 +181,25 @@ def test_resume_goes_on_with_the_saved_settings_and_epochs_trains_on(tmp_path, c
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
 
 
-def test_a_moved_run_folder_resumes_and_adds_to_the_summary_beside_it(
-    tmp_path, capsys, monkeypatch
+def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
+    real_files, tmp_path, capsys, monkeypatch
 ):
-    # As from Colab to a laptop: the folder is elsewhere now, and so is the data.
-    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
-    moved = tmp_path / "laptop" / "my runs" / "r"
-    moved.parent.mkdir(parents=True)
-    run_dir.rename(moved)
+    # As from Colab to a laptop: the project is elsewhere now, and its data in another folder.
+    colab = tmp_path / "colab"
+    shutil.copytree(real_files / "cifar-10-batches-py", colab / "data" / "cifar-10-batches-py")
+    monkeypatch.chdir(colab)
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        code, out, err = run(capsys, *tiny("data", "runs", "--run-name", "r"))
+    assert code == 130, err
+    colab.rename(tmp_path / "laptop")
+    (tmp_path / "laptop" / "data").rename(tmp_path / "laptop" / "datasets")
     monkeypatch.chdir(tmp_path / "laptop")
-    code, out, err = run(capsys, "--resume", "my runs/r", "--data-dir", "elsewhere")
-    assert code == 0 and "resuming my runs/r after epoch 1" in out, err
-    assert "(dry run: not added to summary.csv)" in out
-    assert json.loads((moved / "config.json").read_text())["settings"]["DATA_DIR"] == "elsewhere"
+    code, out, err = run(capsys, "--resume", "runs/r", "--data-dir", "datasets")
+    assert code == 0 and "resuming runs/r after epoch 1" in out, err
+    with open("runs/summary.csv") as file:
+        assert [row["run"] for row in csv.DictReader(file)] == ["r"]
+    assert json.loads(Path("runs/r/config.json").read_text())["settings"]["DATA_DIR"] == "datasets"
 
 
 def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys, monkeypatch):
