@@ -1372,11 +1372,8 @@ def save_figure(figure, path):
         figure.savefig(file, format="png", dpi=100)
 
 
-def image_grid(images, titles, title, path):
+def image_grid(figure, images, titles, title, path):
     """A picture of up to 16 images (N, height, width, 3), each with its title."""
-    figure = new_figure(figsize=(8, 9))
-    if figure is None:
-        return
     for axis in figure.subplots(4, 4).flat:
         axis.set_axis_off()
     for axis, image, text in zip(figure.axes, images, titles, strict=False):
@@ -1388,6 +1385,9 @@ def image_grid(images, titles, title, path):
 
 def draw_inputs(run):
     """inputs.png: 16 training images as the model gets them: augmented, at IMAGE_SIZE."""
+    figure = new_figure(figsize=(8, 9))
+    if figure is None:
+        return
     images, labels = run.train_set.tensors
     every = max(1, len(labels) // 16)  # spread out: a folder's images come class by class
     state = run.inputs.generator.get_state()  # the picture must not change what training draws
@@ -1397,7 +1397,8 @@ def draw_inputs(run):
     run.inputs.generator.set_state(state)
     pixels = (x * run.inputs.std + run.inputs.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
     titles = [run.cfg.classes[label] for label in labels[::every][:16]]
-    image_grid(pixels, titles, "training inputs as the model sees them", run.dir / "inputs.png")
+    title = "training inputs as the model sees them"
+    image_grid(figure, pixels, titles, title, run.dir / "inputs.png")
 
 
 def save_pictures(run, test_set, predictions):
@@ -1429,7 +1430,8 @@ def save_pictures(run, test_set, predictions):
         f"{classes[labels[i]]}\n-> {classes[predicted[i]]} ({confidence[i]:.0%})" for i in worst
     ]
     pixels = images[worst].permute(0, 2, 3, 1)
-    image_grid(pixels, titles, "the most confidently wrong test images", run.dir / "mistakes.png")
+    title = "the most confidently wrong test images"
+    image_grid(new_figure(figsize=(8, 9)), pixels, titles, title, run.dir / "mistakes.png")
 
 
 # --- Progress, signals, and the command line's entry point ----------------------------------------
