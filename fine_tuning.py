@@ -545,7 +545,7 @@ CIFAR10_CLASSES = [
 CIFAR10_PER_CLASS = 5_000  # training images per class: the splits are checked before any download
 CIFAR10_HOME = "https://www.cs.toronto.edu/~kriz/cifar.html"
 OFFLINE = "`python fine_tuning.py --dry-run` works offline."
-DRY_RUN_BATCHES = 2  # --dry-run: batches per phase (train, validation, test)
+DRY_RUN_BATCHES = 1  # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 2  # --dry-run: epochs, unless --epochs is given or the schedule needs more
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
@@ -820,7 +820,7 @@ def load_data(cfg):
     if cfg.dataset != "CIFAR10":
         full_train_set, test_set, held_out = read_folder(cfg)
     elif cfg.dry_run:
-        print(f"dry run: synthetic images, random weights, {DRY_RUN_BATCHES} batches per phase")
+        print(f"dry run: synthetic images, random weights, batches per phase: {DRY_RUN_BATCHES}")
         full_train_set, test_set, cfg.classes = synthetic_cifar10(cfg.seed)
     else:
         archive = cfg.data_dir / datasets.CIFAR10.filename
@@ -850,10 +850,10 @@ def load_data(cfg):
         f"data: {len(train_set):,} train{kept} / {len(val_set):,} validation / {len(test_set):,}"
         f" test{held_out} images, {len(cfg.classes)} classes, {stored} px{seen}"
     )
-    if cfg.dry_run:  # the first batches of each set
-        train_set = first_images(train_set, DRY_RUN_BATCHES * cfg.batch_size)
-        val_set = first_images(val_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
-        test_set = first_images(test_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
+    if cfg.dry_run:  # a few batches of each set
+        train_set = some_images(train_set, DRY_RUN_BATCHES * cfg.batch_size)
+        val_set = some_images(val_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
+        test_set = some_images(test_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
     return train_set, val_set, test_set, cfg.classes
 
 
@@ -865,8 +865,10 @@ def auto_image_size(own_size):
     return min(224, own_size)
 
 
-def first_images(dataset, n):
-    return TensorDataset(*(tensor[:n] for tensor in dataset.tensors))
+def some_images(dataset, n):
+    """n images spread over the set: a folder's come class by class."""
+    every = max(1, len(dataset) // n)
+    return TensorDataset(*(tensor[::every][:n] for tensor in dataset.tensors))
 
 
 def synthetic_cifar10(seed):
@@ -908,7 +910,7 @@ def read_folder(cfg):
     check_memory(count, stored, root)
     check_splits(torch.tensor(listing.targets), listing.classes, cfg, test_root is None)
     if cfg.dry_run:
-        print(f"dry run: your images, random weights, {DRY_RUN_BATCHES} batches per phase")
+        print(f"dry run: your images, random weights, batches per phase: {DRY_RUN_BATCHES}")
     full_train_set, _ = load_image_folder(train_root, stored)
     if test_root is None:
         full_train_set, test_set = split_off(full_train_set, cfg.val_fraction)

@@ -123,7 +123,7 @@ def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_settin
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert "data: 45,000 train / 5,000 validation / 10,000 test images, 10 classes, 32 px" in out
-    assert "dry run: synthetic images, random weights, 2 batches per phase" in out
+    assert "dry run: synthetic images, random weights, batches per phase: 1" in out
     assert "fc      trainable         5,130  2.0e-03" in out and "layer3  frozen" in out
     assert "(dry run: not added to summary.csv)" in out and not (tmp_path / "summary.csv").exists()
     assert (
@@ -156,7 +156,7 @@ def test_a_nan_loss_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
     def diverging(logits, labels, **kwargs):
         calls.append(1)
         loss = cross_entropy(logits, labels, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float("nan") if len(calls) == 1 else loss  # the first training batch
 
     monkeypatch.setattr(ft.F, "cross_entropy", diverging)
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "nan")

@@ -104,7 +104,7 @@ def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeyp
         return evaluate(model, loader, inputs, amp_dtype, desc)
 
     monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_test)
-    ctrl_c_at_batch(monkeypatch, 2 + 1)  # a dry run's epochs have 2 batches: in epoch 2
+    ctrl_c_at_batch(monkeypatch, 2)  # a dry run's epochs have 1 batch: in epoch 2
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "twice")
     assert code == 130 and "test accuracy" not in out and not err, out + err
     assert out.endswith(f"resume with: python fine_tuning.py --resume {tmp_path / 'twice'}\n")
