@@ -1037,7 +1037,7 @@ class Run:
         row["seconds"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
         write_csv(self.dir / "history.csv", HISTORY, self.history)
-        if len(self.history) == 1 or epoch == self.next_epoch:
+        if epoch == self.next_epoch:  # the first epoch of this process: the header
             print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}", end="")
             print(f"{'val acc':>9}{'time':>8}")
         losses = f"{train_loss:>12.4f}{train_acc:>11.2%}{val_loss:>10.4f}{row['val_acc']:>9.2%}"
