@@ -613,10 +613,8 @@ def dataset_setting(text):
 
 
 def schedule(text):
-    """'5:layer2,10:layer1', or a dict's text "{5: 'layer2'}", as {5: 'layer2', 10: 'layer1'}."""
-    plain = text.lower()
-    for character in "{}'\" ":
-        plain = plain.replace(character, "")
+    """'5:layer2,10:layer1' as {5: 'layer2', 10: 'layer1'}."""
+    plain = text.lower().replace(" ", "")
     plan = {}
     if plain in ("", "none"):
         return plan
@@ -943,7 +941,7 @@ def open_rgb(path):
     try:
         with Image.open(path) as image:
             return ImageOps.exif_transpose(image).convert("RGB")  # a phone's photo, upright
-    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
+    except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, huge
         raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None
 
 
@@ -1036,7 +1034,7 @@ class Run:
             row[f"lr_{group['name']}"] = group["lr"]
         row["seconds"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
-        write_csv(self.dir / "history.csv", HISTORY, self.history)
+        write_text(self.dir / "history.csv", csv_text(HISTORY, self.history))
         if epoch == self.next_epoch:  # the first epoch of this process: the header
             print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}", end="")
             print(f"{'val acc':>9}{'time':>8}")
@@ -1067,15 +1065,12 @@ class Run:
             return f"interrupted ({(self.interrupted.args or ['Ctrl-C'])[0]})"
         if not self.stopper.should_stop:
             return f"all epochs ran (EPOCHS = {cfg.epochs})"
-        done = self.history[-1]["epoch"]
-        later = {epoch: block for epoch, block in cfg.unfreeze_schedule.items() if epoch > done}
-        epochs = f"{self.stopper.bad_epochs} epochs"
-        if self.stopper.bad_epochs == 1:
-            epochs = "1 epoch"
         reason = (
             f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
-            f" by at least {cfg.min_delta:g} for {epochs} (PATIENCE = {cfg.patience})"
+            f" by at least {cfg.min_delta:g} since then (PATIENCE = {cfg.patience})"
         )
+        done = self.history[-1]["epoch"]
+        later = {epoch: block for epoch, block in cfg.unfreeze_schedule.items() if epoch > done}
         if later:
             reason += f"; the scheduled unfreezing {schedule_text(later)} did not happen"
         return reason
@@ -1212,10 +1207,6 @@ def csv_text(columns, rows, dialect="excel", header=True):
         writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
-
-
-def write_csv(path, columns, rows):
-    write_text(path, csv_text(columns, rows))
 
 
 # --- summary.csv: a row per finished run, in a file that is the learner's too ---------------------

@@ -118,6 +118,14 @@ def test_an_image_that_cannot_be_read_is_named_and_exits_1(tmp_path, capsys):
     assert err.endswith("): delete or replace it\n")
 
 
+def test_an_image_too_large_for_pil_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
+    root = write_image_folder(tmp_path / "photos")
+    monkeypatch.setattr(ft.Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses twice this: a "bomb"
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: cannot read the image ") and "decompression bomb" in err
+
+
 def test_a_folder_too_large_for_memory_says_how_large_and_what_to_change(
     tmp_path, capsys, monkeypatch
 ):
