@@ -521,7 +521,7 @@ def main(argv=None):
     except KeyboardInterrupt as interrupt:
         ## Ctrl-C or SIGTERM drops the epoch under way (last.pt holds the last complete one).
         run.interrupted = interrupt  # the best weights so far are tested, then how to resume
-        if stopper.best_epoch is None:
+        if run.best_epoch is None:
             raise  # not one epoch complete: nothing to test
     ## The test set is used once, on the weights early stopping chose: never choose by it.
     model.load_state_dict(torch.load(run.dir / "best.pt", map_location=device, weights_only=True))
@@ -977,6 +977,7 @@ class Run:
         self.inputs = inputs
         self.device = next(model.parameters()).device.type
         self.history = []
+        self.best_epoch = None  # of the completed epochs: the one whose weights best.pt holds
         self.next_epoch = 1
         self.interrupted = None  # the KeyboardInterrupt that stopped training, if one did
         self.new = cfg.resume is None  # made by this process: removed if no epoch completes
@@ -1015,6 +1016,7 @@ class Run:
         self.shuffle.set_state(state["shuffle"])
         self.inputs.generator.set_state(state["augment"])
         self.history = state["history"]
+        self.best_epoch = self.stopper.best_epoch
         self.next_epoch = state["epoch"] + 1
         if self.stopper.should_stop:  # it stopped early, then was interrupted during its test
             self.next_epoch = cfg.epochs + 1
@@ -1034,6 +1036,8 @@ class Run:
             row[f"lr_{group['name']}"] = group["lr"]
         row["seconds"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
+        if improved:
+            self.best_epoch = epoch  # not the stopper's: Ctrl-C may have cut best.pt's writing
         write_text(self.dir / "history.csv", csv_text(HISTORY, self.history))
         if epoch == self.next_epoch:  # the first epoch of this process: the header
             print(f"{'epoch':>5}{'train loss':>12}{'train acc':>11}{'val loss':>10}", end="")
@@ -1078,7 +1082,7 @@ class Run:
     def finish(self, test_loss, confusion, test_set, predictions):
         """Print and save the test results; a finished run joins summary.csv and is compared."""
         cfg = self.cfg
-        best = next(row for row in self.history if row["epoch"] == self.stopper.best_epoch)
+        best = next(row for row in self.history if row["epoch"] == self.best_epoch)
         results = dict(test_loss=test_loss, test_acc=accuracy(confusion))
         results.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"])
         results.update(epochs_run=self.history[-1]["epoch"], stop_reason=self.stop_reason())
@@ -1402,7 +1406,7 @@ def save_pictures(run, test_set, predictions):
         print("(no pictures: `pip install matplotlib` draws inputs.png, curves.png, mistakes.png)")
         return
     epochs = [row["epoch"] for row in run.history]
-    best = next(row for row in run.history if row["epoch"] == run.stopper.best_epoch)
+    best = next(row for row in run.history if row["epoch"] == run.best_epoch)
     for axis, metric in zip(curves.subplots(1, 2), ["loss", "acc"], strict=True):
         axis.plot(epochs, [row[f"train_{metric}"] for row in run.history], "o-", label="train")
         axis.plot(epochs, [row[f"val_{metric}"] for row in run.history], "o-", label="validation")

@@ -79,22 +79,32 @@ class Interrupted(io.FileIO):
         return super().write(data)
 
 
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_ctrl_c_while_a_checkpoint_is_written_stops_cleanly_with_the_last_one_whole(
-    tmp_path, capsys, monkeypatch
+    name, tmp_path, capsys, monkeypatch
 ):
     writes = []
 
     def open_file(path, mode="r", *args, **kwargs):
-        if str(path).endswith(".last.pt.tmp"):
+        if str(path).endswith(f".{name}.tmp"):
             writes.append(path)
             if len(writes) == 2:
                 return Interrupted(path, "w")
         return builtins.open(path, mode, *args, **kwargs)
 
+    step = ft.EarlyStopping.step
+
+    def every_epoch_is_the_best(self, val_loss, val_acc, epoch):
+        self.best = None  # so that epoch 2 writes best.pt too
+        return step(self, val_loss, val_acc, epoch)
+
     monkeypatch.setattr(ft, "open", open_file, raising=False)
+    monkeypatch.setattr(ft.EarlyStopping, "step", every_epoch_is_the_best)
     code, out, err = run(capsys, *dry(tmp_path, "--run-name", "saving"))
-    assert code == 130 and not err, err  # not torch.save's "unexpected pos"
+    assert code == 130 and not err, err  # not torch.save's "unexpected pos", nor a traceback
     assert "stopped: interrupted (Ctrl-C)" in out and "resume with: " in out
+    tested = {"last.pt": 2, "best.pt": 1}[name]  # epoch 2's best.pt was never whole
+    assert f"(the weights of epoch {tested}, the best val_loss, from best.pt" in out
     assert load_state(tmp_path / "saving" / "last.pt")["epoch"] == 1
 
 
