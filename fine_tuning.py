@@ -1192,16 +1192,17 @@ def written(path):
 
 
 def write_error(path, error):
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return RunError(f"could not write {path}: {error.strerror}")
+    """One line: the file not written, and the command that goes on once the cause is gone."""
     then = "then run the same command again"
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
         then = f"then resume: {command('--resume', run.dir)}"
-    return RunError(
-        f"the disk is full: could not write {path}. The files of the last completed epoch are"
-        f" intact: free some space, {then}"
-    )
+    cause = f"could not write {path} ({error.strerror}: is it open in another program?)"
+    action = "fix that"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = f"the disk is full: could not write {path}"
+        action = "free some space"
+    return RunError(f"{cause}. The files of the last completed epoch are intact: {action}, {then}")
 
 
 def csv_text(columns, rows, dialect="excel", header=True):

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import fine_tuning as ft
-from conftest import load_state, run
+from conftest import load_state, run, tiny
 
 
 def dry(out, *extra):
@@ -194,3 +194,23 @@ def test_a_summary_csv_that_cannot_be_read_is_moved_aside_never_overwritten(
         and aside[0].name in out
     )
     assert [row["run"] for row in read_rows(tmp_path / "summary.csv")] == ["new"]
+
+
+def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    def locked(path, mode="r", *args, **kwargs):  # Excel on Windows keeps others from writing
+        if str(path).endswith("summary.csv"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "open", locked, raising=False)
+    code, out, err = run(capsys, *tiny(real_files, tmp_path, "--epochs", "1", "--run-name", "held"))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"could not write {tmp_path / 'summary.csv'} (Permission denied: is it open" in err
+    resume = shlex.split(err.split("then resume: ")[1])
+    assert resume == ["python", "fine_tuning.py", "--resume", str(tmp_path / "held")]
+    monkeypatch.delattr(ft, "open")  # the spreadsheet is closed
+    code, out, err = run(capsys, *resume[2:])
+    assert code == 0 and "test accuracy" in out, err
+    assert [row["run"] for row in read_rows(tmp_path / "summary.csv")] == ["held"]
