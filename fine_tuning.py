@@ -55,6 +55,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -562,7 +563,10 @@ class RunError(Exception):
 
 def command(*args):
     """A command to paste: python fine_tuning.py ARGS, each quoted for the shell."""
-    return "python fine_tuning.py " + shlex.join(str(arg) for arg in args)
+    words = ["python", "fine_tuning.py", *(str(arg) for arg in args)]
+    if os.name == "nt":
+        return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
+    return shlex.join(words)
 
 
 # --- The command line: the constants are its defaults, so one path checks both --------------------

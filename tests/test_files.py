@@ -214,3 +214,9 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
     code, out, err = run(capsys, *resume[2:])
     assert code == 0 and "test accuracy" in out, err
     assert [row["run"] for row in read_rows(tmp_path / "summary.csv")] == ["held"]
+
+
+def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
+    monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
+    command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
+    assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
