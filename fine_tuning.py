@@ -893,7 +893,7 @@ def read_folder(cfg):
     test_root = None
     if (root / "train").is_dir():
         train_root = root / "train"
-        for name in ("val", "test"):  # PyTorch's tutorial calls its test folder val/
+        for name in ("val", "valid", "validation", "test"):  # test/, or the tutorials' names
             if (root / name).is_dir():
                 test_root = root / name
     listing = list_images(train_root)

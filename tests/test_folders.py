@@ -53,6 +53,11 @@ def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_tes
     table = out[out.index("runs in summary.csv") :]
     assert f"DATASET={alone}" in table  # the runs table tells one folder from another
     assert "\nvs " not in table  # and compares a run only with runs on the same data
+    for name in ("valid", "validation"):  # Kaggle's name for it; Keras's cats and dogs'
+        (tutorial / "val").rename(tutorial / name)
+        code, out, err = run(capsys, *folder_run(tutorial, tmp_path / "runs", "--dry-run"))
+        assert f"/ 4 test ({name}/) images" in out, err
+        (tutorial / name).rename(tutorial / "val")
 
 
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
