@@ -672,7 +672,12 @@ class SettingsParser(argparse.ArgumentParser):
 
 
 def settings_parser():
-    parser = SettingsParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = SettingsParser(
+        allow_abbrev=False,
+        description=__doc__.split("\n\n")[0],
+        epilog="Each flag sets the constant of its name at the top of fine_tuning.py, whose comment"
+        " says what it does (and README.md, Settings).",
+    )
     whole = "a whole number >= "
     rate = "a learning rate in (0, 1], e.g. "
     holds_cifar = "the folder that holds cifar-10-batches-py, not that folder itself"

@@ -22,6 +22,7 @@ def test_help_lists_every_setting_with_its_default(capsys):
         assert f"{ft.flag(name)} {name}" in out
     assert "default: layer2" in out and "default: 0.0001" in out and "--resume RUN_DIR" in out
     assert "default: CIFAR10" in out
+    assert "the constant of its name at the top of fine_tuning.py" in " ".join(out.split())
 
 
 def test_flags_override_the_constants_and_reach_config_json(tmp_path, capsys):
