@@ -154,6 +154,13 @@ def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_as_on_a_gpu(state, path, monkeypatch):
+    """torch.save as on a CUDA machine: every storage tagged as a CUDA tensor's."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
 PHOTOS = [((120, 90), "RGB", "jpg"), ((100, 100), "L", "png"), ((90, 140), "RGBA", "png"),
           ((160, 96), "P", "png"), ((96, 128), "L", "jpg")]  # fmt: skip
 

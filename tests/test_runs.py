@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import fine_tuning as ft
-from conftest import ROOT, load_state, run, tiny
+from conftest import ROOT, load_state, run, save_as_on_a_gpu, tiny
 
 
 def rows(path):
@@ -195,13 +195,6 @@ def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     assert code == 0, err
     for name in ["inputs.png", "curves.png", "mistakes.png"]:
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def save_as_on_a_gpu(state, path, monkeypatch):
-    """torch.save as on a CUDA machine: every storage tagged as a CUDA tensor's."""
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-        torch.save(state, path)
 
 
 def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import fine_tuning as ft
-from conftest import epoch_row, load_state, run, start_script, tiny
+from conftest import epoch_row, load_state, run, save_as_on_a_gpu, start_script, tiny
 
 LONG = ["--epochs", "30", "--patience", "30", "--min-delta", "0"]
 
@@ -206,7 +206,7 @@ def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
     state = load_state(run_dir / "last.pt")
     state["device"] = "cuda"  # as if it had trained on Colab's GPU
-    torch.save(state, run_dir / "last.pt")
+    save_as_on_a_gpu(state, run_dir / "last.pt", monkeypatch)
     code, out, err = run(capsys, "--resume", run_dir)
     assert code == 0, err
     assert (
