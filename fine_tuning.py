@@ -1206,7 +1206,7 @@ def write_error(path, error):
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
         then = f"then resume: {command('--resume', run.dir)}"
-    cause = f"could not write {path} ({error.strerror}: is it open in another program?)"
+    cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
     action = "fix that"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         cause = f"the disk is full: could not write {path}"

@@ -207,7 +207,7 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
     monkeypatch.setattr(ft, "open", locked, raising=False)
     code, out, err = run(capsys, *tiny(real_files, tmp_path, "--epochs", "1", "--run-name", "held"))
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert f"could not write {tmp_path / 'summary.csv'} (Permission denied: is it open" in err
+    assert f"could not write {tmp_path / 'summary.csv'} (Permission denied: open in another" in err
     resume = shlex.split(err.split("then resume: ")[1])
     assert resume == ["python", "fine_tuning.py", "--resume", str(tmp_path / "held")]
     monkeypatch.delattr(ft, "open")  # the spreadsheet is closed
