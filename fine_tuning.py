@@ -1231,15 +1231,12 @@ def add_to_summary(output_dir, row):
     path = output_dir / "summary.csv"
     row = {key: str(value) for key, value in row.items()}  # as read back: text
     rows, columns, dialect, text = read_summary(path, row)
-    if not rows:
-        text = csv_text(list(row), [row])
-    elif text.endswith("\n"):
-        text = csv_text(columns, [row], dialect, header=False)
-    else:  # a spreadsheet may leave out the last line's end
-        text = "\n" + csv_text(columns, [row], dialect, header=False)
+    added = csv_text(columns or list(row), [row], dialect, header=not columns)
+    if text and not text.endswith("\n"):  # a spreadsheet may leave out the last line's end
+        added = "\n" + added
     try:
         with open(path, "a", encoding="utf-8", newline="") as file:
-            file.write(text)
+            file.write(added)
     except OSError as error:
         raise write_error(path, error) from None
     return rows + [row]

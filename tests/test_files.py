@@ -220,3 +220,9 @@ def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
     command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
+
+
+def test_a_summary_csv_emptied_to_its_header_gets_no_second_header(tmp_path):
+    (tmp_path / "summary.csv").write_text("run;DATASET;best_val_acc\n")  # rows deleted by hand
+    assert [row["run"] for row in ft.add_to_summary(tmp_path, finished("new"))] == ["new"]
+    assert (tmp_path / "summary.csv").read_text() == "run;DATASET;best_val_acc\nnew;CIFAR10;0.5\n"
