@@ -949,7 +949,10 @@ def open_rgb(path):
     """ImageFolder's loader: the image in RGB, or one line naming a file that is not an image."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")  # a phone's photo, upright
+            image = ImageOps.exif_transpose(image)  # a phone's photo, upright
+            if image.mode.startswith("I"):  # 16-bit grayscale, 0..65535: convert() clips at 255
+                image = image.convert("I").point(lambda value: value / 256)
+            return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, huge
         raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None
 

@@ -4,6 +4,7 @@ stopping, divergence and mixed precision."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -147,6 +148,17 @@ def test_a_phones_photo_is_read_upright(tmp_path):
     exif[0x0112] = 6
     image.save(tmp_path / "sideways.jpg", exif=exif)
     assert ft.open_rgb(tmp_path / "sideways.jpg").size == (40, 60)
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    # Microscopes, X-ray machines and depth cameras save 0..65535; PIL's convert("RGB") clips
+    # every value above 255, so an image of mid-grey 32,768 would come out white.
+    levels = np.array([[0, 16_384], [32_768, 65_535]])
+    Image.fromarray(levels.astype(np.uint16)).save(tmp_path / "scan.png")  # PNG: little-endian
+    Image.frombytes("I;16B", (2, 2), levels.astype(">u2").tobytes()).save(tmp_path / "scan.tiff")
+    for name in ("scan.png", "scan.tiff"):
+        pixels = np.asarray(ft.open_rgb(tmp_path / name))
+        assert pixels.shape == (2, 2, 3) and pixels[..., 0].tolist() == [[0, 64], [128, 255]]
 
 
 # --- The model and its new head -------------------------------------------------------------------
