@@ -1526,4 +1526,7 @@ def fail(message, code):
 if __name__ == "__main__":
     if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
         sys.exit(f"error: this script needs torch 2.5 or newer (found {torch.__version__})")
-    sys.exit(cli())
+    if "__file__" not in globals():  # pasted into a notebook's cell: sys.argv is the kernel's,
+        cli([])  # and sys.exit() there shows an exception, even for 0
+    else:
+        sys.exit(cli())

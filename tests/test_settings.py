@@ -139,6 +139,33 @@ def test_the_schedule_comments_example_works_with_the_default_freeze_until(monke
     assert cfg.unfreeze_schedule == eval(example) and cfg.freeze_until == ft.FREEZE_UNTIL
 
 
+def pasted_into_a_notebook(monkeypatch, edits):
+    """fine_tuning.py's text run as a notebook cell runs it: no __file__, and the kernel's own
+    command line in sys.argv; `edits` replace the constants' values, as a learner edits them."""
+    source = (ROOT / "fine_tuning.py").read_text()
+    for name, value in edits.items():
+        source = re.sub(rf"^{name} = .*$", f"{name} = {value!r}", source, count=1, flags=re.M)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    exec(compile(source, "<cell>", "exec"), {"__name__": "__main__"})  # must not raise SystemExit
+
+
+def test_the_script_pasted_into_a_notebook_cell_runs_on_its_edited_constants(
+    monkeypatch, tmp_path, capsys
+):
+    photos = write_image_folder(tmp_path / "photos")
+    edits = dict(DATASET=str(photos), WEIGHTS="none", EPOCHS=1, BATCH_SIZE=8)
+    edits["OUTPUT_DIR"] = str(tmp_path / "runs")
+    pasted_into_a_notebook(monkeypatch, edits)
+    out, err = capsys.readouterr()
+    assert "stopped: all epochs ran (EPOCHS = 1)" in out, err
+    assert (tmp_path / "runs" / "summary.csv").exists()
+    pasted_into_a_notebook(monkeypatch, dict(edits, EPOCHS=0))
+    assert capsys.readouterr().err == (
+        "fine_tuning.py: error: EPOCHS (--epochs): '0' is not allowed: expected a whole number"
+        " >= 1\n"
+    )
+
+
 def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):
     monkeypatch.delattr(ft, "PATIENCE")
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
