@@ -551,6 +551,7 @@ DRY_RUN_EPOCHS = 2  # --dry-run: epochs, unless --epochs is given or the schedul
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
+PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
 
 
 class SettingError(Exception):
@@ -562,7 +563,10 @@ class RunError(Exception):
 
 
 def command(*args):
-    """A command to paste: python fine_tuning.py ARGS, each quoted for the shell."""
+    """A command to paste: python fine_tuning.py ARGS, each quoted for the shell; or, for the
+    script pasted into a notebook, the call for a new cell: cli([ARGS])."""
+    if PASTED:
+        return f"cli({[str(arg) for arg in args]!r})"
     words = ["python", "fine_tuning.py", *(str(arg) for arg in args)]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
@@ -1526,7 +1530,7 @@ def fail(message, code):
 if __name__ == "__main__":
     if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
         sys.exit(f"error: this script needs torch 2.5 or newer (found {torch.__version__})")
-    if "__file__" not in globals():  # pasted into a notebook's cell: sys.argv is the kernel's,
-        cli([])  # and sys.exit() there shows an exception, even for 0
+    if PASTED:  # sys.argv is the notebook kernel's, and sys.exit() would show an exception
+        cli([])
     else:
         sys.exit(cli())

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision import models
 
 import fine_tuning as ft
@@ -141,23 +142,43 @@ def test_the_schedule_comments_example_works_with_the_default_freeze_until(monke
 
 def pasted_into_a_notebook(monkeypatch, edits):
     """fine_tuning.py's text run as a notebook cell runs it: no __file__, and the kernel's own
-    command line in sys.argv; `edits` replace the constants' values, as a learner edits them."""
+    command line in sys.argv; `edits` replace the constants' values, as a learner edits them.
+    Returns the notebook's namespace."""
     source = (ROOT / "fine_tuning.py").read_text()
     for name, value in edits.items():
         source = re.sub(rf"^{name} = .*$", f"{name} = {value!r}", source, count=1, flags=re.M)
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
-    exec(compile(source, "<cell>", "exec"), {"__name__": "__main__"})  # must not raise SystemExit
+    notebook = {"__name__": "__main__"}
+    exec(compile(source, "<cell>", "exec"), notebook)  # must not raise SystemExit
+    return notebook
 
 
 def test_the_script_pasted_into_a_notebook_cell_runs_on_its_edited_constants(
     monkeypatch, tmp_path, capsys
 ):
     photos = write_image_folder(tmp_path / "photos")
-    edits = dict(DATASET=str(photos), WEIGHTS="none", EPOCHS=1, BATCH_SIZE=8)
+    edits = dict(DATASET=str(photos), WEIGHTS="none", EPOCHS=2, BATCH_SIZE=8)
     edits["OUTPUT_DIR"] = str(tmp_path / "runs")
-    pasted_into_a_notebook(monkeypatch, edits)
+    loaders = []
+    iterate = DataLoader.__iter__
+
+    def interrupt_kernel(loader):  # Jupyter's "Interrupt" at the start of epoch 2's training
+        loaders.append(loader)
+        if len(loaders) == 3:
+            raise KeyboardInterrupt
+        return iterate(loader)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DataLoader, "__iter__", interrupt_kernel)
+        notebook = pasted_into_a_notebook(patch, edits)
     out, err = capsys.readouterr()
-    assert "stopped: all epochs ran (EPOCHS = 1)" in out, err
+    assert "stopped: interrupted (Ctrl-C)" in out, err
+    resume = out.split("resume with: ")[1].splitlines()[0]
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert resume == f"cli(['--resume', '{run_dir}'])"  # for a new cell: there is no file to run
+    assert eval(resume, notebook) == 0  # that new cell
+    out, err = capsys.readouterr()
+    assert f"resuming {run_dir} after epoch 1" in out and "all epochs ran (EPOCHS = 2)" in out, err
     assert (tmp_path / "runs" / "summary.csv").exists()
     pasted_into_a_notebook(monkeypatch, dict(edits, EPOCHS=0))
     assert capsys.readouterr().err == (
