@@ -565,9 +565,10 @@ class RunError(Exception):
 def command(*args):
     """A command to paste: python fine_tuning.py ARGS, each quoted for the shell; or, for the
     script pasted into a notebook, the call for a new cell: cli([ARGS])."""
+    words = [str(arg) for arg in args]
     if PASTED:
-        return f"cli({[str(arg) for arg in args]!r})"
-    words = ["python", "fine_tuning.py", *(str(arg) for arg in args)]
+        return f"cli({words!r})"
+    words = ["python", "fine_tuning.py", *words]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
     return shlex.join(words)
