@@ -37,7 +37,7 @@ MONITOR = "val_loss"  # what early stopping watches: "val_loss" or "val_acc"
 PATIENCE = 3  # epochs without improvement before training stops
 MIN_DELTA = 0.001  # the smallest change that counts (loss, or accuracy as a fraction)
 # system
-NUM_WORKERS = "auto"  # DataLoader worker processes: "auto" = 2 on CUDA, 0 elsewhere
+NUM_WORKERS = "auto"  # DataLoader processes: "auto" = 2 on CUDA (0 pasted in a cell), 0 elsewhere
 OUTPUT_DIR = "./runs"  # each run writes OUTPUT_DIR/<run name>/; finished runs add to summary.csv
 
 import argparse
@@ -733,7 +733,9 @@ def parse_settings(argv=None):
         raise SettingError(f"unrecognized argument {unknown[0]}{hint} (--help lists them all)")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     if cfg.num_workers == "auto":  # resolved at each start: a resume elsewhere gets its own
-        cfg.num_workers = 2 if torch.cuda.is_available() else 0
+        cfg.num_workers = 0
+        if torch.cuda.is_available() and not PASTED:  # spawned workers cannot import a cell
+            cfg.num_workers = 2
     cfg.checkpoint = None
     if cfg.resume:
         read_saved_settings(cfg, given)

@@ -180,6 +180,11 @@ def test_the_script_pasted_into_a_notebook_cell_runs_on_its_edited_constants(
     out, err = capsys.readouterr()
     assert f"resuming {run_dir} after epoch 1" in out and "all epochs ran (EPOCHS = 2)" in out, err
     assert (tmp_path / "runs" / "summary.csv").exists()
+    # Workers started by spawn (Windows; Python 3.14's forkserver) cannot import a notebook's cell.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ft.parse_settings([]).num_workers == 2  # "auto" on CUDA
+    assert notebook["parse_settings"]([]).num_workers == 0  # "auto" on CUDA, in a notebook
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     pasted_into_a_notebook(monkeypatch, dict(edits, EPOCHS=0))
     assert capsys.readouterr().err == (
         "fine_tuning.py: error: EPOCHS (--epochs): '0' is not allowed: expected a whole number"
