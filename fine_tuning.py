@@ -1488,6 +1488,13 @@ def cli(argv=None):
         where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
         reason = f"could not download the ImageNet weights ({error.reason})"
         return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
+    except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # anything else is a bug: keep its traceback
+        weights = Path(torch.hub.get_dir()) / "checkpoints"
+        room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
+        full = f"the disk is full ({error.strerror}): {room}"
+        return fail(f"error: {full}. Free some space, then run the same command again", 1)
     except torch.cuda.OutOfMemoryError:
         return fail(
             "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1

@@ -1,11 +1,14 @@
 """Offline, a failed or damaged download, or a damaged CIFAR-10 file: one line saying what to do,
 exit 1. A complete copy in a read-only folder is used as it is."""
 
+import errno
 import io
 import os
 import urllib.request
 
+import pytest
 import torch.hub
+from torchvision import datasets
 
 from conftest import run, tiny, trust
 
@@ -75,3 +78,30 @@ def test_a_complete_copy_in_a_read_only_folder_is_used_as_it_is(
             path.chmod(0o755 if path.is_dir() else 0o644)
     assert code == 0, err
     assert {path: path.stat().st_mtime_ns for path in data.rglob("*")} == before  # nothing written
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("download", ["CIFAR-10", "the ImageNet weights"])
+def test_a_disk_that_fills_during_a_download_gets_one_line(
+    download, cifar_root, monkeypatch, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    if download == "CIFAR-10":
+        monkeypatch.setattr(datasets.CIFAR10, "download", disk_full)
+    else:
+        trust(monkeypatch, cifar_root / "md5.json")  # the data is there; the weights are not
+        monkeypatch.setattr(torch.hub, "download_url_to_file", disk_full)
+        data = cifar_root
+    code, out, err = run(capsys, "--data-dir", data, "--output-dir", tmp_path / "runs")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and len(errors) == 1, err
+    checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    assert errors[0] == (
+        "error: the disk is full (No space left on device): CIFAR-10 takes about 355 MB in"
+        f" DATA_DIR, the ImageNet weights 45 MB in {checkpoints}. Free some space, then run the"
+        " same command again"
+    )
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
