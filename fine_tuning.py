@@ -1490,7 +1490,7 @@ def cli(argv=None):
         return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise  # anything else is a bug: keep its traceback
+            raise  # another: its traceback names the file and the cause
         weights = Path(torch.hub.get_dir()) / "checkpoints"
         room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
         full = f"the disk is full ({error.strerror}): {room}"
