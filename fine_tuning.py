@@ -552,6 +552,7 @@ HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
 
 
 class SettingError(Exception):
@@ -1218,7 +1219,7 @@ def write_error(path, error):
         then = f"then resume: {command('--resume', run.dir)}"
     cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
     action = "fix that"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         cause = f"the disk is full: could not write {path}"
         action = "free some space"
     return RunError(f"{cause}. The files of the last completed epoch are intact: {action}, {then}")
@@ -1489,7 +1490,7 @@ def cli(argv=None):
         reason = f"could not download the ImageNet weights ({error.reason})"
         return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause
         weights = Path(torch.hub.get_dir()) / "checkpoints"
         room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
