@@ -8,6 +8,7 @@ import re
 
 import torch
 from PIL import Image
+from torchvision.models import ResNet
 
 import fine_tuning as ft
 from conftest import ROOT, load_state, run, save_as_on_a_gpu, tiny
@@ -197,7 +198,7 @@ def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu(
+def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu_as_training_saw_them(
     real_files, tmp_path, capsys, monkeypatch
 ):
     assert run(capsys, *tiny(real_files, tmp_path, "--run-name", "done"))[0] == 0
@@ -208,8 +209,18 @@ def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu(
         raise AssertionError("a GPU's best.pt loaded on a CPU without map_location")
     except RuntimeError as error:
         assert "Attempting to deserialize object on a CUDA device" in str(error)
-    photo = tmp_path / "my photo.jpg"
-    Image.new("RGB", (640, 480), (30, 120, 200)).save(photo)
+    # A phone's photo, stored sideways with the EXIF tag that turns it upright: red on the left.
+    photo = tmp_path / "photos" / "cats" / "my photo.jpg"
+    photo.parent.mkdir(parents=True)
+    image = Image.new("RGB", (64, 48), (30, 120, 200))
+    image.paste((220, 20, 20), (0, 0, 32, 48))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(photo, exif=exif)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[0]) if isinstance(module, ResNet) else None
+    )
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Using the fine-tuned model") :]
     code = section.split("```python\n")[1].split("```")[0]
@@ -217,6 +228,14 @@ def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu(
     code = code.replace('"./data"', repr(str(real_files))).replace(
         '"my_photo.jpg"', repr(str(photo))
     )
-    exec(compile(code, "README.md", "exec"), {})
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        hook.remove()
     out = capsys.readouterr().out
     assert re.fullmatch(r"true: \w+, predicted: \w+ \(\d+% sure\)\n\w+ \(\d+% sure\)\n", out), out
+    # The photo reached the model as training feeds it: upright, at the run's size, normalised.
+    photos, _ = ft.load_image_folder(tmp_path / "photos", 32)
+    images, _ = photos.tensors
+    trained_on = ft.ModelInput(32, seed=0).eval()(images)
+    assert torch.allclose(seen[-1], trained_on, atol=1e-5)
