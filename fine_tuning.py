@@ -114,8 +114,10 @@ def load_image_folder(folder, size):
     ## resized to `size` and its centre cropped to a square, so that they stack into one tensor.
     to_tensor = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
     ## torchvision's ImageFolder takes each subfolder for a class, in sorted order (the label is
-    ## the index), and the image files in it by their extension; it skips any other file.
-    found = datasets.ImageFolder(folder, transform=to_tensor, loader=open_rgb)
+    ## the index), and in it the files is_image_file() accepts: an image's extension, not hidden.
+    found = datasets.ImageFolder(
+        folder, transform=to_tensor, loader=open_rgb, is_valid_file=is_image_file
+    )
     images = torch.empty(len(found), 3, size, size, dtype=torch.uint8)
     for i, (image, _) in enumerate(progress_bar(found, f"reading {folder}")):
         images[i] = image
@@ -937,9 +939,11 @@ def read_folder(cfg):
 def list_images(folder, classes=None):
     """ImageFolder's listing (no image is read yet), or one line on what is wrong with it."""
     try:
-        listing = datasets.ImageFolder(folder, loader=open_rgb)
+        listing = datasets.ImageFolder(folder, loader=open_rgb, is_valid_file=is_image_file)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
-        raise SettingError(f"DATASET (--dataset): {error}") from None
+        types = " ".join(datasets.folder.IMG_EXTENSIONS)
+        problem = str(error).strip()  # torchvision ends some with a space
+        raise SettingError(f"DATASET (--dataset): {problem} (image files: {types})") from None
     if len(listing.classes) < 2:
         raise SettingError(
             f"DATASET (--dataset): {folder} has one class folder, {listing.classes[0]}; a"
@@ -951,6 +955,13 @@ def list_images(folder, classes=None):
             f" must be those of train/ ({', '.join(classes)})"
         )
     return listing
+
+
+def is_image_file(path):
+    """ImageFolder's test, an image file's extension, for a file that is not hidden: a Mac's tar or
+    USB stick gives each photo.jpg a ._photo.jpg of metadata, which is no image."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
 
 
 def open_rgb(path):

@@ -167,8 +167,8 @@ PHOTOS = [((120, 90), "RGB", "jpg"), ((100, 100), "L", "png"), ((90, 140), "RGBA
 
 def write_image_folder(folder, classes=("ants", "bees", "wasps"), per_class=8):
     """Images as a learner's photos come: sizes, modes (RGB, grayscale, RGBA, palette) and formats
-    of all kinds, a tint per class and noise, in torchvision's ImageFolder layout; and a file that
-    is not an image, which ImageFolder skips."""
+    of all kinds, a tint per class and noise, in torchvision's ImageFolder layout; and files that
+    are not images, to be skipped: a text file, and the metadata a Mac's tar adds (._0.png)."""
     generator = torch.Generator().manual_seed(len(str(folder)))
     for c, name in enumerate(classes):
         (folder / name).mkdir(parents=True)
@@ -179,4 +179,5 @@ def write_image_folder(folder, classes=("ants", "bees", "wasps"), per_class=8):
             image = Image.fromarray(pixels.to(torch.uint8).numpy()).convert(mode)
             image.save(folder / name / f"{i}.{suffix}")
         (folder / name / "notes.txt").write_text("not an image")
+        (folder / name / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
     return folder

@@ -101,7 +101,7 @@ def broken(tmp_path, kind):
     "kind, message",
     [("no class folders", "Couldn't find any class folder in"),
      ("one class", "has one class folder, cats; a classifier needs two or more"),
-     ("an empty class", "Found no valid file for the classes birds"),
+     ("an empty class", "Found no valid file for the classes birds. (image files: .jpg .jpeg"),
      ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
       " train/ (cats, dogs)")],
 )  # fmt: skip
