@@ -958,8 +958,8 @@ def list_images(folder, classes=None):
 
 
 def is_image_file(path):
-    """ImageFolder's test, an image file's extension, for a file that is not hidden: a Mac's tar or
-    USB stick gives each photo.jpg a ._photo.jpg of metadata, which is no image."""
+    """ImageFolder's test, an image file's extension, for a file that is not hidden: copied by a
+    Mac (tar, a USB stick), photo.jpg may come with ._photo.jpg, its metadata, which is no image."""
     name = os.path.basename(path)
     return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
 
