@@ -908,9 +908,11 @@ def read_folder(cfg):
     test_root = None
     if (root / "train").is_dir():
         train_root = root / "train"
-        for name in ("val", "valid", "validation", "test"):  # test/, or the tutorials' names
-            if (root / name).is_dir():
-                test_root = root / name
+        splits = [name for name in ("val", "valid", "validation", "test") if (root / name).is_dir()]
+        if splits:
+            test_root = root / splits[-1]  # test/, or else the tutorials' name for it
+        if len(splits) > 1:  # Kaggle's train/, valid/, test/: the lesson holds out its own
+            print(f"note: {'/, '.join(splits[:-1])}/ not used: validation images come from train/")
     listing = list_images(train_root)
     cfg.classes = listing.classes
     count = len(listing)

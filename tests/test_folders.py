@@ -60,6 +60,19 @@ def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_tes
         (tutorial / name).rename(tutorial / "val")
 
 
+def test_with_train_valid_and_test_the_test_set_is_test_and_valid_is_named_as_unused(
+    tmp_path, capsys
+):
+    root = tmp_path / "kaggle"  # many of Kaggle's folders come in three splits
+    write_image_folder(root / "train")
+    write_image_folder(root / "valid", per_class=2)
+    write_image_folder(root / "test", per_class=3)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "note: valid/ not used: validation images come from train/\n" in out
+    assert "data: 21 train / 3 validation / 9 test (test/) images" in out
+
+
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")
     args = folder_run(root, tmp_path / "runs", "--dry-run", "--image-size", "224")
