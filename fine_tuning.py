@@ -963,7 +963,8 @@ def is_image_file(path):
     """ImageFolder's test, an image file's extension, for a file that is not hidden: copied by a
     Mac (tar, a USB stick), photo.jpg may come with ._photo.jpg, its metadata, which is no image."""
     name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+    is_image = datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
+    return is_image and not name.startswith(".")
 
 
 def open_rgb(path):
@@ -1498,14 +1499,14 @@ def cli(argv=None):
         print(next_step())
         return exit_code(interrupt)
     except urllib.error.URLError as error:  # CIFAR-10's download has its own line: the weights'
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+        file = cached_weights()
         where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
         reason = f"could not download the ImageNet weights ({error.reason})"
         return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause
-        weights = Path(torch.hub.get_dir()) / "checkpoints"
+        weights = cached_weights().parent
         room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
         full = f"the disk is full ({error.strerror}): {room}"
         return fail(f"error: {full}. Free some space, then run the same command again", 1)
@@ -1520,6 +1521,11 @@ def cli(argv=None):
     finally:
         remove_unfinished_folder()
         signal.signal(signal.SIGTERM, previous)
+
+
+def cached_weights():
+    """Where torchvision keeps the ImageNet weights it downloads: torch's hub checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
 
 
 def worker_died(error):
