@@ -908,11 +908,12 @@ def read_folder(cfg):
     test_root = None
     if (root / "train").is_dir():
         train_root = root / "train"
-        splits = [name for name in ("val", "valid", "validation", "test") if (root / name).is_dir()]
+        splits = labelled_splits(root)
         if splits:
-            test_root = root / splits[-1]  # test/, or else the tutorials' name for it
+            test_root = splits[-1]  # test/, or else the tutorials' name for it
         if len(splits) > 1:  # Kaggle's train/, valid/, test/: the lesson holds out its own
-            print(f"note: {'/, '.join(splits[:-1])}/ not used: validation images come from train/")
+            unused = "/, ".join(path.name for path in splits[:-1])
+            print(f"note: {unused}/ not used: validation images come from train/")
     listing = list_images(train_root)
     cfg.classes = listing.classes
     count = len(listing)
@@ -938,6 +939,20 @@ def read_folder(cfg):
     return full_train_set, test_set, f" ({test_root.name}/)"
 
 
+def labelled_splits(root):
+    """root's val/, valid/, validation/ and test/ that hold class folders. One of images alone, as
+    a competition's test/ (the images to predict), has no labels: a note says it is not used."""
+    splits = []
+    for name in ("val", "valid", "validation", "test"):
+        if not (root / name).is_dir():
+            continue
+        if any(entry.is_dir() for entry in (root / name).iterdir()):
+            splits.append(root / name)
+        else:
+            print(f"note: {name}/ not used: its images are in no class folder, so unlabelled")
+    return splits
+
+
 def list_images(folder, classes=None):
     """ImageFolder's listing (no image is read yet), or one line on what is wrong with it."""
     try:
@@ -949,7 +964,8 @@ def list_images(folder, classes=None):
     if len(listing.classes) < 2:
         raise SettingError(
             f"DATASET (--dataset): {folder} has one class folder, {listing.classes[0]}; a"
-            " classifier needs two or more"
+            f" classifier needs two or more (if {listing.classes[0]}/ holds the class folders,"
+            f" give that folder: --dataset {folder / listing.classes[0]})"
         )
     if classes is not None and listing.classes != classes:
         raise SettingError(

@@ -3,6 +3,7 @@ the same lesson, reports and pictures as CIFAR-10; and a clear line, before any 
 folder that cannot be used."""
 
 import json
+import shutil
 
 import pytest
 
@@ -71,6 +72,16 @@ def test_with_train_valid_and_test_the_test_set_is_test_and_valid_is_named_as_un
     assert code == 0, err
     assert "note: valid/ not used: validation images come from train/\n" in out
     assert "data: 21 train / 3 validation / 9 test (test/) images" in out
+    for image in (root / "test").glob("*/[0-9].*"):  # a competition's test/: images, no labels
+        image.rename(root / "test" / f"{image.parent.name}_{image.name}")
+    for folder in (root / "test").iterdir():
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "note: test/ not used: its images are in no class folder, so unlabelled\n" in out
+    assert "data: 21 train / 3 validation / 6 test (valid/) images" in out
+    assert "valid/ not used" not in out
 
 
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
@@ -101,6 +112,8 @@ def broken(tmp_path, kind):
         (root / "photo.jpg").write_bytes(b"")
     elif kind == "one class":
         write_image_folder(root, ["cats"])
+    elif kind == "a folder above":  # a zip file's folder around the class folders
+        write_image_folder(root / "photos", ["cats", "dogs"])
     elif kind == "an empty class":
         write_image_folder(root, ["cats", "dogs"])
         (root / "birds").mkdir()
@@ -114,6 +127,8 @@ def broken(tmp_path, kind):
     "kind, message",
     [("no class folders", "Couldn't find any class folder in"),
      ("one class", "has one class folder, cats; a classifier needs two or more"),
+     ("a folder above", "has one class folder, photos; a classifier needs two or more (if"
+      " photos/ holds the class folders, give that folder: --dataset {root}/photos)"),
      ("an empty class", "Found no valid file for the classes birds. (image files: .jpg .jpeg"),
      ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
       " train/ (cats, dogs)")],
