@@ -910,10 +910,9 @@ def read_folder(cfg):
         train_root = root / "train"
         splits = labelled_splits(root)
         if splits:
-            test_root = splits[-1]  # test/, or else the tutorials' name for it
+            test_root = root / splits[-1]  # test/, or else the tutorials' name for it
         if len(splits) > 1:  # Kaggle's train/, valid/, test/: the lesson holds out its own
-            unused = "/, ".join(path.name for path in splits[:-1])
-            print(f"note: {unused}/ not used: validation images come from train/")
+            print(f"note: {'/, '.join(splits[:-1])}/ not used: validation images come from train/")
     listing = list_images(train_root)
     cfg.classes = listing.classes
     count = len(listing)
@@ -940,14 +939,15 @@ def read_folder(cfg):
 
 
 def labelled_splits(root):
-    """root's val/, valid/, validation/ and test/ that hold class folders. One of images alone, as
-    a competition's test/ (the images to predict), has no labels: a note says it is not used."""
+    """The names of root's val/, valid/, validation/ and test/ that hold class folders. One of
+    images alone, as a competition's test/ (the images to predict), has no labels: a note says
+    it is not used."""
     splits = []
     for name in ("val", "valid", "validation", "test"):
         if not (root / name).is_dir():
             continue
         if any(entry.is_dir() for entry in (root / name).iterdir()):
-            splits.append(root / name)
+            splits.append(name)
         else:
             print(f"note: {name}/ not used: its images are in no class folder, so unlabelled")
     return splits
