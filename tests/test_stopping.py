@@ -245,3 +245,29 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monke
         "no epoch was completed and saved, so nothing to resume: run the same command again." in out
     )
     assert not (tmp_path / "early").exists()
+
+
+def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, monkeypatch):
+    # Head first, then layer3 from epoch 2: last.pt of epoch 2 holds Adam's state of the new group.
+    schedule = ["--freeze-until", "layer3", "--unfreeze-schedule", "2:layer3", "--epochs", "3"]
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 2)
+        code, out, err = run(
+            capsys, *schedule, "--dry-run", "--output-dir", tmp_path, "--run-name", "r"
+        )
+    assert code == 130 and "unfreezing layer3" in out, err
+    code, out, err = run(capsys, "--resume", tmp_path / "r")
+    assert code == 0, err
+    assert "unfreezing layer3\nresuming" in out  # the run's groups, in order, before Adam's state
+    code, out, err = run(
+        capsys, *schedule, "--dry-run", "--output-dir", tmp_path, "--run-name", "u"
+    )
+    assert code == 0, err
+    resumed, unbroken = history(tmp_path / "r"), history(tmp_path / "u")
+    for row in resumed + unbroken:
+        del row["seconds"]
+    assert resumed == unbroken and len(resumed) == 3
+    assert all(
+        torch.equal(load_state(tmp_path / "r" / "best.pt")[key], value)
+        for key, value in load_state(tmp_path / "u" / "best.pt").items()
+    )
