@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 import fine_tuning as ft
-from conftest import epoch_row, load_state, run, save_as_on_a_gpu, start_script, tiny
+from conftest import (
+    epoch_row,
+    load_state,
+    run,
+    save_as_on_a_gpu,
+    start_script,
+    tiny,
+    write_image_folder,
+)
 
 LONG = ["--epochs", "30", "--patience", "30", "--min-delta", "0"]
 
@@ -223,6 +231,12 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, capsys, monkey
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
     code, _, err = run(capsys, "--resume", run_dir, "--epochs", "1")
     assert code == 2 and err.endswith("EPOCHS (--epochs) = 1: the run has done 1\n")
+    other = write_image_folder(tmp_path / "insects", per_class=20)  # may move, not change classes
+    code, _, err = run(capsys, "--resume", run_dir, "--dataset", other)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--resume: the run learned the classes airplane, automobile," in err
+    assert err.endswith(f"DATASET (--dataset) {other} has ants, bees, wasps\n")
+    assert (run_dir / "last.pt").exists()
 
 
 def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
@@ -271,3 +285,26 @@ def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, mon
         torch.equal(load_state(tmp_path / "r" / "best.pt")[key], value)
         for key, value in load_state(tmp_path / "u" / "best.pt").items()
     )
+
+
+def test_a_run_stopped_early_and_interrupted_in_its_test_resumes_to_the_test(
+    tmp_path, capsys, monkeypatch
+):
+    # PATIENCE 1 and a MIN_DELTA no epoch beats: epoch 2 ends training; Ctrl-C during the test.
+    args = ["--dry-run", "--epochs", "5", "--patience", "1", "--min-delta", "10"]
+    evaluate = ft.evaluate
+
+    def ctrl_c_in_test(model, loader, inputs, amp_dtype=None, desc="val"):
+        if desc == "test":
+            raise KeyboardInterrupt
+        return evaluate(model, loader, inputs, amp_dtype, desc)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "evaluate", ctrl_c_in_test)
+        code, out, err = run(capsys, *args, "--output-dir", tmp_path, "--run-name", "r")
+    assert code == 130 and "resume with: " in out, err
+    code, out, err = run(capsys, "--resume", tmp_path / "r")
+    assert code == 0, err
+    assert "resuming" in out and "epoch  train loss" not in out  # no epoch: straight to the test
+    assert "stopped: early stopping: val_loss did not improve on epoch 1" in out
+    assert len(history(tmp_path / "r")) == 2
