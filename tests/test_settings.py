@@ -298,3 +298,13 @@ def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_lin
         and " does not match torch " in mismatch.stderr
     )
     assert "pip install --upgrade torch torchvision --index-url" in mismatch.stderr  # no CUDA
+
+
+def test_an_output_dir_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes").write_text("a file where a folder is expected")
+    code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path / "notes" / "runs")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(
+        f"fine_tuning.py: error: OUTPUT_DIR (--output-dir): cannot make {tmp_path}"
+    )
+    assert "Not a directory" in err and "Traceback" not in err
