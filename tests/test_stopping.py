@@ -262,28 +262,22 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monke
 
 
 def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, monkeypatch):
-    # Head first, then layer3 from epoch 2: last.pt of epoch 2 holds Adam's state of the new group.
-    schedule = ["--freeze-until", "layer3", "--unfreeze-schedule", "2:layer3", "--epochs", "3"]
-    with monkeypatch.context() as patch:
-        stop_after_epoch(patch, 2)
-        code, out, err = run(
-            capsys, *schedule, "--dry-run", "--output-dir", tmp_path, "--run-name", "r"
-        )
-    assert code == 130 and "unfreezing layer3" in out, err
-    code, out, err = run(capsys, "--resume", tmp_path / "r")
+    # layer3 joins at epoch 1: last.pt of epoch 1 holds Adam's state for its parameter group.
+    schedule = ["--freeze-until", "layer3", "--unfreeze-schedule", "1:layer3"]
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch, *schedule)
+    code, out, err = run(capsys, "--resume", run_dir)
     assert code == 0, err
     assert "unfreezing layer3\nresuming" in out  # the run's groups, in order, before Adam's state
-    code, out, err = run(
-        capsys, *schedule, "--dry-run", "--output-dir", tmp_path, "--run-name", "u"
-    )
+    args = ["--dry-run", "--epochs", "2", "--patience", "5", *schedule, "--run-name", "unbroken"]
+    code, out, err = run(capsys, *args, "--output-dir", tmp_path / "runs")
     assert code == 0, err
-    resumed, unbroken = history(tmp_path / "r"), history(tmp_path / "u")
+    resumed, unbroken = history(run_dir), history(tmp_path / "runs" / "unbroken")
     for row in resumed + unbroken:
         del row["seconds"]
-    assert resumed == unbroken and len(resumed) == 3
+    assert resumed == unbroken and len(resumed) == 2
     assert all(
-        torch.equal(load_state(tmp_path / "r" / "best.pt")[key], value)
-        for key, value in load_state(tmp_path / "u" / "best.pt").items()
+        torch.equal(load_state(run_dir / "best.pt")[key], value)
+        for key, value in load_state(tmp_path / "runs" / "unbroken" / "best.pt").items()
     )
 
 
