@@ -271,14 +271,13 @@ def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, mon
     args = ["--dry-run", "--epochs", "2", "--patience", "5", *schedule, "--run-name", "unbroken"]
     code, out, err = run(capsys, *args, "--output-dir", tmp_path / "runs")
     assert code == 0, err
-    resumed, unbroken = history(run_dir), history(tmp_path / "runs" / "unbroken")
-    for row in resumed + unbroken:
+    resumed_rows, unbroken_rows = history(run_dir), history(tmp_path / "runs" / "unbroken")
+    for row in resumed_rows + unbroken_rows:
         del row["seconds"]
-    assert resumed == unbroken and len(resumed) == 2
-    assert all(
-        torch.equal(load_state(run_dir / "best.pt")[key], value)
-        for key, value in load_state(tmp_path / "runs" / "unbroken" / "best.pt").items()
-    )
+    assert resumed_rows == unbroken_rows and len(resumed_rows) == 2
+    straight = load_state(tmp_path / "runs" / "unbroken" / "best.pt")
+    resumed = load_state(run_dir / "best.pt")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
 def test_a_run_stopped_early_and_interrupted_in_its_test_resumes_to_the_test(
