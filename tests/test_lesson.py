@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import fine_tuning as ft
@@ -148,6 +149,23 @@ def test_a_phones_photo_is_read_upright(tmp_path):
     exif[0x0112] = 6
     image.save(tmp_path / "sideways.jpg", exif=exif)
     assert ft.open_rgb(tmp_path / "sideways.jpg").size == (40, 60)
+
+
+def test_a_big_jpeg_is_decoded_at_a_smaller_scale_that_still_covers_the_size(tmp_path):
+    # A phone's 12 MP photo is read 4x faster at 1/8 scale (README, Your own images).
+    y, x = np.mgrid[0:600, 0:800]
+    pixels = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1)
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / name / "photo.jpg", quality=95)
+    photo = tmp_path / "cats" / "photo.jpg"
+    assert ft.open_rgb(photo).size == (800, 600)
+    assert ft.open_rgb(photo, size=64).size == (100, 75)  # 1/8: both sides still >= 64
+    assert ft.open_rgb(photo, size=200).size == (400, 300)  # 1/2: 1/4 would leave 150 < 200
+    dataset, _ = ft.load_image_folder(tmp_path, 64)
+    to_tensor = v2.Compose([v2.Resize(64), v2.CenterCrop(64), v2.PILToTensor()])
+    full_scale = to_tensor(ft.open_rgb(photo)).float()
+    assert (dataset.tensors[0][0].float() - full_scale).abs().mean() < 2  # of 255: the same image
 
 
 def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
