@@ -113,15 +113,13 @@ def load_image_folder(folder, size):
     TensorDataset of uint8 images (N, 3, size, size), and the class names."""
     ## Photos come in every size: each is opened as RGB (grayscale and RGBA too), its shorter side
     ## resized to `size` and its centre cropped to a square, so that they stack into one tensor.
-    ## A big JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still covers `size`: 4x faster.
     to_tensor = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
+    ## A big JPEG is decoded at 1/2, 1/4 or 1/8 scale if that still covers `size`: 4x faster.
+    loader = functools.partial(open_rgb, size=size)
     ## torchvision's ImageFolder takes each subfolder for a class, in sorted order (the label is
     ## the index), and in it the files is_image_file() accepts: an image's extension, not hidden.
     found = datasets.ImageFolder(
-        folder,
-        transform=to_tensor,
-        loader=functools.partial(open_rgb, size=size),
-        is_valid_file=is_image_file,
+        folder, transform=to_tensor, loader=loader, is_valid_file=is_image_file
     )
     images = torch.empty(len(found), 3, size, size, dtype=torch.uint8)
     for i, (image, _) in enumerate(progress_bar(found, f"reading {folder}")):
