@@ -118,9 +118,8 @@ def load_image_folder(folder, size):
     loader = functools.partial(open_rgb, size=size)
     ## torchvision's ImageFolder takes each subfolder for a class, in sorted order (the label is
     ## the index), and in it the files is_image_file() accepts: an image's extension, not hidden.
-    found = datasets.ImageFolder(
-        folder, transform=to_tensor, loader=loader, is_valid_file=is_image_file
-    )
+    ## Ours, below the banner, skips hidden folders too (Jupyter's .ipynb_checkpoints).
+    found = ImageFolder(folder, transform=to_tensor, loader=loader, is_valid_file=is_image_file)
     images = torch.empty(len(found), 3, size, size, dtype=torch.uint8)
     for i, (image, _) in enumerate(progress_bar(found, f"reading {folder}")):
         images[i] = image
@@ -959,7 +958,7 @@ def labelled_splits(root):
 def list_images(folder, classes=None):
     """ImageFolder's listing (no image is read yet), or one line on what is wrong with it."""
     try:
-        listing = datasets.ImageFolder(folder, loader=open_rgb, is_valid_file=is_image_file)
+        listing = ImageFolder(folder, loader=open_rgb, is_valid_file=is_image_file)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
         types = " ".join(datasets.folder.IMG_EXTENSIONS)
         problem = str(error).strip()  # torchvision ends some with a space
@@ -976,6 +975,18 @@ def list_images(folder, classes=None):
             f" must be those of train/ ({', '.join(classes)})"
         )
     return listing
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, whose class folders are not hidden: as is_image_file() skips a
+    hidden file, this skips Jupyter's .ipynb_checkpoints, and __MACOSX, a Mac zip's metadata."""
+
+    def find_classes(self, directory):
+        classes, _ = super().find_classes(directory)
+        classes = [name for name in classes if not name.startswith(".") and name != "__MACOSX"]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def is_image_file(path):

@@ -94,6 +94,20 @@ def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path,
     assert "model: ResNet18, random weights, new 3-class head" in out
 
 
+def test_hidden_folders_are_no_class_as_hidden_files_are_no_image(tmp_path, capsys):
+    # Jupyter keeps .ipynb_checkpoints beside a file it edits; a Mac's zip of the class folders
+    # adds __MACOSX, with a hidden ._ file of metadata for each image. `ls` shows neither.
+    root = write_image_folder(tmp_path / "photos")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "labels-checkpoint.txt").write_text("ants, bees, wasps")
+    (root / "__MACOSX" / "ants").mkdir(parents=True)
+    (root / "__MACOSX" / "ants" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "images, 3 classes, 93 px\n" in out
+    assert "\nants " in out and "ipynb" not in out and "MACOSX" not in out  # the test's report
+
+
 def test_the_inputs_picture_shows_a_folders_classes(with_matplotlib, tmp_path, capsys, monkeypatch):
     root = write_image_folder(tmp_path / "photos")
     drawn = []
@@ -109,6 +123,9 @@ def broken(tmp_path, kind):
     root = tmp_path / kind.replace(" ", "_")
     if kind == "no class folders":
         root.mkdir()
+        (root / "photo.jpg").write_bytes(b"")
+    elif kind == "hidden folders alone":
+        (root / ".ipynb_checkpoints").mkdir(parents=True)
         (root / "photo.jpg").write_bytes(b"")
     elif kind == "one class":
         write_image_folder(root, ["cats"])
@@ -126,6 +143,7 @@ def broken(tmp_path, kind):
 @pytest.mark.parametrize(
     "kind, message",
     [("no class folders", "Couldn't find any class folder in"),
+     ("hidden folders alone", "Couldn't find any class folder in"),
      ("one class", "has one class folder, cats; a classifier needs two or more"),
      ("a folder above", "has one class folder, photos; a classifier needs two or more (if"
       " photos/ holds the class folders, give that folder: --dataset {root}/photos)"),
