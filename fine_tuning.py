@@ -842,18 +842,7 @@ def load_data(cfg):
         print(f"dry run: synthetic images, random weights, batches per phase: {DRY_RUN_BATCHES}")
         full_train_set, test_set, cfg.classes = synthetic_cifar10(cfg.seed)
     else:
-        archive = cfg.data_dir / datasets.CIFAR10.filename
-        try:
-            full_train_set, test_set, cfg.classes = load_cifar10(cfg.data_dir)
-        except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
-            raise RunError(
-                f"could not download CIFAR-10 ({error.reason}). Without internet, put"
-                f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {OFFLINE}"
-            ) from None
-        except RuntimeError as error:  # torchvision's md5 check failed
-            raise RunError(
-                f"the download of CIFAR-10 failed its check ({error}): delete {archive}, run again"
-            ) from None
+        full_train_set, test_set, cfg.classes = read_cifar10(cfg)
     stored = full_train_set.tensors[0].shape[-1]
     if cfg.image_size == "auto":
         cfg.image_size = auto_image_size(stored)
@@ -874,6 +863,26 @@ def load_data(cfg):
         val_set = some_images(val_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
         test_set = some_images(test_set, DRY_RUN_BATCHES * 2 * cfg.batch_size)
     return train_set, val_set, test_set, cfg.classes
+
+
+def read_cifar10(cfg):
+    """load_cifar10(), with each way its download can fail as one line."""
+    archive = cfg.data_dir / datasets.CIFAR10.filename
+    try:
+        return load_cifar10(cfg.data_dir)
+    except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
+        raise RunError(
+            f"could not download CIFAR-10 ({error.reason}). Without internet, put"
+            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {OFFLINE}"
+        ) from None
+    except RuntimeError as error:  # torchvision's md5 check failed
+        raise RunError(
+            f"the download of CIFAR-10 failed its check ({error}): delete {archive}, run again"
+        ) from None
+    except OSError as error:  # DATA_DIR cannot take it: read-only, or a file in its path
+        if error.filename is None or error.errno in DISK_FULL:
+            raise  # a full disk: cli() says how much room the downloads need
+        raise SettingError(f"DATA_DIR (--data-dir): {error.strerror}: {error.filename}") from None
 
 
 def auto_image_size(own_size):

@@ -80,6 +80,14 @@ def test_a_complete_copy_in_a_read_only_folder_is_used_as_it_is(
     assert {path: path.stat().st_mtime_ns for path in data.rglob("*")} == before  # nothing written
 
 
+def test_a_data_dir_that_cannot_be_made_gets_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file where DATA_DIR wants a folder")
+    data = tmp_path / "notes.txt" / "data"
+    code, out, err = run(capsys, "--data-dir", data, "--output-dir", tmp_path / "runs")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == f"fine_tuning.py: error: DATA_DIR (--data-dir): Not a directory: {data}\n"
+
+
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
