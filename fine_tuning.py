@@ -1358,7 +1358,10 @@ def print_runs(rows, shown=8):
     for row, changed in zip(runs[-shown:], changes[-shown:], strict=True):
         figures = f"{percent(row, 'best_val_acc'):>8}{percent(row, 'test_acc'):>9}"
         figures += f"{row.get('epochs_run'):>7}{row.get('minutes'):>8}"
-        print(f"{figures}  {row['run']}: {' '.join(f'{n}={row.get(n)}' for n in changed)}")
+        differs = " ".join(f"{name}={row.get(name)}" for name in changed) or "the same settings"
+        if row is now:
+            differs = "this run"
+        print(f"{figures}  {row['run']}: {differs}")
     earlier = [i for i, row in enumerate(runs[:-1]) if row.get("DATASET") == now["DATASET"]]
     if earlier:
         fewest = min(len(changes[i]) for i in earlier)

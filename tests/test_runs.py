@@ -114,8 +114,10 @@ def test_each_run_is_compared_with_the_earlier_run_that_differs_from_it_least(
     table = out[out.index("the last 3 of 3 runs in summary.csv") :].splitlines()
     assert table[2].endswith("  default: IMAGE_SIZE=32")  # where each differs from this run
     assert table[3].endswith("  head: IMAGE_SIZE=32 HEAD_LR=0.003")
-    assert table[4].endswith("  size: ")
+    assert table[4].endswith("  size: this run")
     assert comparison(printed["head2"]).startswith("vs head (the same settings): ")
+    table = printed["head2"][printed["head2"].index("the last 4 of 4 runs") :].splitlines()
+    assert table[3].endswith("  head: the same settings") and table[5].endswith("  head2: this run")
 
 
 def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_setting(tmp_path, capsys):
