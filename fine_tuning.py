@@ -1016,6 +1016,8 @@ def open_rgb(path, size=None):
             image = ImageOps.exif_transpose(image)  # a phone's photo, upright
             if image.mode.startswith("I"):  # 16-bit grayscale, 0..65535: convert() clips at 255
                 image = image.convert("I").point(lambda value: value / 256)
+            if image.mode == "P":  # a palette: through RGBA, as PIL asks (with a warning)
+                image = image.convert("RGBA")
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, huge
         raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None

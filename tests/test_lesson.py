@@ -3,6 +3,7 @@ images, the new head, freezing, frozen BatchNorm, the learning rates, gradual un
 stopping, divergence and mixed precision."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,17 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     for name in ("scan.png", "scan.tiff"):
         pixels = np.asarray(ft.open_rgb(tmp_path / name))
         assert pixels.shape == (2, 2, 3) and pixels[..., 0].tolist() == [[0, 64], [128, 255]]
+
+
+def test_a_palette_image_with_transparency_is_read_without_pils_warning(tmp_path):
+    # Icons and web graphics: a palette PNG whose colours each have an alpha ("bytes" transparency).
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.save(tmp_path / "icon.png", transparency=bytes([0, 128]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL: "Palette images with Transparency ... RGBA images"
+        pixels = np.asarray(ft.open_rgb(tmp_path / "icon.png"))
+    assert pixels.shape == (4, 4, 3) and pixels[0, 0].tolist() == [0, 255, 0]
 
 
 # --- The model and its new head -------------------------------------------------------------------
