@@ -41,6 +41,7 @@ NUM_WORKERS = "auto"  # DataLoader processes: "auto" = 2 on CUDA (0 pasted in a 
 OUTPUT_DIR = "./runs"  # each run writes OUTPUT_DIR/<run name>/; finished runs add to summary.csv
 
 import argparse
+import collections
 import csv
 import difflib
 import errno
@@ -983,7 +984,22 @@ def list_images(folder, classes=None):
             f"DATASET (--dataset): the class folders of {folder} ({', '.join(listing.classes)})"
             f" must be those of train/ ({', '.join(classes)})"
         )
+    note_unused_files(folder)
     return listing
+
+
+def note_unused_files(folder):
+    """One line on the files ImageFolder leaves out without a word, by their extension: an
+    iPhone's .heic photos, say, or a .gif. Hidden files and folders are not counted."""
+    unused = collections.Counter()
+    for _, subfolders, files in os.walk(folder, followlinks=True):  # as ImageFolder walks
+        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
+        for name in files:
+            if not is_hidden(name) and not is_image_file(name):
+                unused[os.path.splitext(name)[1].lower() or name] += 1
+    if unused:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(unused.items()))
+        print(f"note: {folder}: not used, not images by their extension: {kinds}")
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -992,7 +1008,7 @@ class ImageFolder(datasets.ImageFolder):
 
     def find_classes(self, directory):
         classes, _ = super().find_classes(directory)
-        classes = [name for name in classes if not name.startswith(".") and name != "__MACOSX"]
+        classes = [name for name in classes if not is_hidden(name)]
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: index for index, name in enumerate(classes)}
@@ -1003,7 +1019,11 @@ def is_image_file(path):
     Mac (tar, a USB stick), photo.jpg may come with ._photo.jpg, its metadata, which is no image."""
     name = os.path.basename(path)
     is_image = datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
-    return is_image and not name.startswith(".")
+    return is_image and not is_hidden(name)
+
+
+def is_hidden(name):
+    return name.startswith(".") or name == "__MACOSX"  # __MACOSX: a Mac zip's metadata folder
 
 
 def open_rgb(path, size=None):

@@ -108,6 +108,20 @@ def test_hidden_folders_are_no_class_as_hidden_files_are_no_image(tmp_path, caps
     assert "\nants " in out and "ipynb" not in out and "MACOSX" not in out  # the test's report
 
 
+def test_the_files_that_are_no_image_by_their_extension_are_named_in_a_note(tmp_path, capsys):
+    # ImageFolder leaves them out without a word: an iPhone's photos (.heic) would go missing.
+    root = write_image_folder(tmp_path / "photos")  # with notes.txt and ._0.png in each class
+    (root / "ants" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (root / "bees" / "dance.gif").write_bytes(b"GIF89a")
+    (root / "README").write_text("my photos")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "README-checkpoint").write_text("hidden: not counted")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert f"note: {root}: not used, not images by their extension: 1 .gif, 1 .heic, 3 .txt," in out
+    assert "3 .txt, 1 README\n" in out and "data: 18 train / 3 validation / 3 test" in out
+
+
 def test_the_inputs_picture_shows_a_folders_classes(with_matplotlib, tmp_path, capsys, monkeypatch):
     root = write_image_folder(tmp_path / "photos")
     drawn = []
