@@ -998,7 +998,7 @@ def note_unused_files(folder):
             if not is_hidden(name) and not is_image_file(name):
                 unused[os.path.splitext(name)[1].lower() or name] += 1
     if unused:
-        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(unused.items()))
+        kinds = ", ".join(f"{count:,} {kind}" for kind, count in sorted(unused.items()))
         print(f"note: {folder}: not used, not images by their extension: {kinds}")
 
 
