@@ -958,7 +958,8 @@ def labelled_splits(root):
     for name in ("val", "valid", "validation", "test"):
         if not (root / name).is_dir():
             continue
-        if any(entry.is_dir() for entry in (root / name).iterdir()):
+        entries = (root / name).iterdir()
+        if any(entry.is_dir() and not is_hidden(entry.name) for entry in entries):
             splits.append(name)
         else:
             print(f"note: {name}/ not used: its images are in no class folder, so unlabelled")

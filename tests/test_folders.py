@@ -77,6 +77,7 @@ def test_with_train_valid_and_test_the_test_set_is_test_and_valid_is_named_as_un
     for folder in (root / "test").iterdir():
         if folder.is_dir():
             shutil.rmtree(folder)
+    (root / "test" / ".ipynb_checkpoints").mkdir()  # Jupyter's, hidden: no class folder either
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
     assert code == 0, err
     assert "note: test/ not used: its images are in no class folder, so unlabelled\n" in out
