@@ -574,7 +574,10 @@ def command(*args):
     words = [str(arg) for arg in args]
     if PASTED:
         return f"cli({words!r})"
-    words = ["python", "fine_tuning.py", *words]
+    script = "fine_tuning.py"
+    if os.path.dirname(__file__) != os.getcwd():  # run by its path from elsewhere: that path
+        script = __file__
+    words = ["python", script, *words]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
     return shlex.join(words)

@@ -40,6 +40,7 @@ def offline(monkeypatch, tmp_path_factory, request):
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    monkeypatch.chdir(Path(ft.__file__).parent)  # as the README runs it: "python fine_tuning.py"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))
     for name in [m for m in list(sys.modules) if m.split(".")[0] == "matplotlib"] or ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ImportError

@@ -5,6 +5,7 @@ import builtins
 import csv
 import errno
 import io
+import os
 import shlex
 import threading
 
@@ -220,6 +221,14 @@ def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
     command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
+
+
+def test_a_printed_command_run_from_another_folder_names_the_scripts_path(tmp_path, monkeypatch):
+    assert shlex.split(ft.command("--dry-run")) == ["python", "fine_tuning.py", "--dry-run"]
+    monkeypatch.chdir(tmp_path)  # Colab: `!python drive/MyDrive/fine_tuning.py` from /content
+    words = shlex.split(ft.command("--resume", "runs/x"))
+    assert words == ["python", ft.__file__, "--resume", "runs/x"]
+    assert os.path.isabs(words[1]) and os.path.isfile(words[1])
 
 
 def test_a_summary_csv_emptied_to_its_header_gets_no_second_header(tmp_path):
