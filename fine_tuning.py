@@ -433,8 +433,7 @@ def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
     inputs.eval()  # no augmentation
     num_classes = model.fc.out_features
     total_loss = torch.zeros((), device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
-    predictions = []
+    all_labels, predictions = [], []
     for images, labels in progress_bar(loader, desc):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -443,10 +442,12 @@ def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
         total_loss += F.cross_entropy(logits, labels) * len(labels)
         probability, predicted = logits.softmax(1).max(1)
         predictions.append(torch.stack([predicted.float(), probability], 1))
-        # Each (true, predicted) pair counted by a sum of one-hot rows: no wait for the GPU.
-        confusion += F.one_hot(labels * num_classes + predicted, num_classes * num_classes).sum(0)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    return total_loss.item() / confusion.sum().item(), confusion, torch.cat(predictions).cpu()
+        all_labels.append(labels)
+    predictions = torch.cat(predictions).cpu()
+    ## The confusion matrix counts each (true, predicted) pair, after the loop: the GPU never waits.
+    pairs = torch.cat(all_labels).cpu() * num_classes + predictions[:, 0].long()
+    confusion = torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)
+    return total_loss.item() / len(pairs), confusion, predictions
 
 
 def accuracy(confusion):

@@ -288,6 +288,25 @@ def test_unfreezing_releases_the_block_and_every_frozen_block_after_it_at_their_
     assert not [k for k in moved if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
 
 
+# --- Evaluation ----------------------------------------------------------------------------------
+def test_evaluation_counts_each_image_once_in_the_confusion_matrix_for_any_number_of_classes():
+    torch.manual_seed(0)
+    model = ft.build_model(300, "none").eval()  # 90,000 cells: each (true, predicted) pair
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(50) * 6  # 50 of the 300 classes
+    with torch.no_grad():  # batch by batch, as evaluate() sees them: the same sums, bit for bit
+        expected = torch.cat(
+            [model(inputs().eval()(batch)).argmax(1) for batch in images.split(16)]
+        )
+    loader = DataLoader(TensorDataset(images, labels), 16)
+    loss, confusion, predictions = ft.evaluate(model, loader, inputs())
+    counted = torch.zeros(300, 300, dtype=torch.long)
+    for true, predicted in zip(labels, expected, strict=True):
+        counted[true, predicted] += 1
+    assert torch.equal(confusion, counted) and math.isfinite(loss)
+    assert torch.equal(predictions[:, 0].long(), expected) and predictions.shape == (50, 2)
+
+
 # --- Early stopping -------------------------------------------------------------------------------
 def test_early_stopping_stops_after_patience_epochs_without_an_improvement_of_min_delta():
     stopper = ft.EarlyStopping(patience=2, min_delta=0.01)
