@@ -444,7 +444,7 @@ def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
         predictions.append(torch.stack([predicted.float(), probability], 1))
         all_labels.append(labels)
     predictions = torch.cat(predictions).cpu()
-    ## The confusion matrix counts each (true, predicted) pair, after the loop: the GPU never waits.
+    ## The confusion matrix: how many images of each true class (row) got each prediction (column).
     pairs = torch.cat(all_labels).cpu() * num_classes + predictions[:, 0].long()
     confusion = torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)
     return total_loss.item() / len(pairs), confusion, predictions
