@@ -905,12 +905,13 @@ def some_images(dataset, n):
 
 
 def synthetic_cifar10(seed):
-    """Class-tinted noise of CIFAR-10's size (50,000 + 10,000 images): something to learn."""
+    """Class-tinted noise of CIFAR-10's size (50,000 + 10,000 images): something to learn. The
+    classes come in a random order, as in CIFAR-10's files."""
     generator = torch.Generator().manual_seed(seed)
     tints = torch.randint(0, 128, (10, 3, 1, 1), generator=generator, dtype=torch.uint8)
     sets = []
     for n in (10 * CIFAR10_PER_CLASS, 10_000):
-        labels = torch.arange(n) % 10
+        labels = (torch.arange(n) % 10)[torch.randperm(n, generator=generator)]
         noise = torch.randint(0, 128, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
         sets.append(TensorDataset(noise + tints[labels], labels))
     return sets[0], sets[1], CIFAR10_CLASSES

@@ -134,6 +134,10 @@ def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_settin
     train_set, test_set, classes = ft.synthetic_cifar10(0)
     assert train_set.tensors[0].shape == (50_000, 3, 32, 32) and len(test_set) == 10_000
     assert train_set.tensors[0].dtype == torch.uint8 and classes == ft.CIFAR10_CLASSES
+    # CIFAR-10's 5,000 images a class, in a random order: a dry run's 64 test images hold each
+    assert torch.bincount(train_set.tensors[1]).tolist() == [5_000] * 10
+    assert train_set.tensors[1][:20].tolist() != list(range(10)) * 2
+    assert " n/a " not in out[out.index("most often taken for") :]
 
 
 def test_adam_is_fused_on_every_device(tmp_path, capsys, monkeypatch):
