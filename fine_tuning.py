@@ -660,12 +660,16 @@ def weights_setting(text):
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError) as error:
         # no such file; the strict load's missing, unknown or misshapen weights; pickled objects
         # (which could run code) or a damaged file; a list or a tensor (it has no .items())
-        problem = textwrap.shorten(f"{type(error).__name__}: {error}", 240, placeholder=" ...")
         raise argparse.ArgumentTypeError(
             f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a file saved by"
-            f" torch.save(model.state_dict(), path) of a ResNet18 ({problem})"
+            f" torch.save(model.state_dict(), path) of a ResNet18 ({brief(error)})"
         ) from None
     return str(folder(text))
+
+
+def brief(error):
+    """What an exception says, in one line: torch's can take a paragraph."""
+    return textwrap.shorten(f"{type(error).__name__}: {error}", 240, placeholder=" ...")
 
 
 def constant_text(name):
@@ -772,7 +776,12 @@ def read_saved_settings(cfg, given):
         raise SettingError(f"--resume: there is no folder {cfg.resume}")
     if not (cfg.resume / "last.pt").exists():  # a finished run removed it
         raise SettingError(f"--resume: {cfg.resume} has no last.pt: it finished, or never began")
-    state = torch.load(cfg.resume / "last.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(cfg.resume / "last.pt", map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as error:  # a copy cut short, say
+        raise SettingError(
+            f"--resume: cannot read {cfg.resume / 'last.pt'} ({brief(error)}); copy it again, whole"
+        ) from None
     for name, value in state["settings"].items():
         if flag(name) not in given and name not in ("NUM_WORKERS", "OUTPUT_DIR"):
             setattr(cfg, name.lower(), value)

@@ -249,6 +249,15 @@ def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
     assert err.endswith(f"--resume: {tmp_path / 'f'} has no last.pt: it finished, or never began\n")
     code, _, err = run(capsys, "--resume", tmp_path / "nowhere")
     assert code == 2 and err.endswith(f"--resume: there is no folder {tmp_path / 'nowhere'}\n")
+    cut = tmp_path / "cut"  # a last.pt copied from Colab, the copy cut short (or empty)
+    cut.mkdir()
+    torch.save({"epoch": 1, "model": torch.zeros(1000)}, cut / "last.pt")
+    for size in (os.path.getsize(cut / "last.pt") // 2, 0):
+        os.truncate(cut / "last.pt", size)
+        code, _, err = run(capsys, "--resume", cut)
+        assert code == 2 and len(err.splitlines()) == 1
+        assert f"--resume: cannot read {cut / 'last.pt'} (" in err
+        assert err.endswith("); copy it again, whole\n")
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
