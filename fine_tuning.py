@@ -930,15 +930,9 @@ def read_folder(cfg):
     """A folder with train/ (and test/, or else a test split is held out), or with the class
     folders alone: checked, then read by load_image_folder()."""
     root = Path(cfg.dataset)
-    train_root = root
-    test_root = None
-    if (root / "train").is_dir():
-        train_root = root / "train"
-        splits = labelled_splits(root)
-        if splits:
-            test_root = root / splits[-1]  # test/, or else the tutorials' name for it
-        if len(splits) > 1:  # Kaggle's train/, valid/, test/: the lesson holds out its own
-            print(f"note: {'/, '.join(splits[:-1])}/ not used: validation images come from train/")
+    if not root.is_dir():  # a resumed run's, moved since: --resume takes a new --dataset
+        raise SettingError(f"DATASET (--dataset): there is no folder {root}")
+    train_root, test_root = split_folders(root)
     listing = list_images(train_root)
     cfg.classes = listing.classes
     count = len(listing)
@@ -964,20 +958,30 @@ def read_folder(cfg):
     return full_train_set, test_set, f" ({test_root.name}/)"
 
 
-def labelled_splits(root):
-    """The names of root's val/, valid/, validation/ and test/ that hold class folders. One of
-    images alone, as a competition's test/ (the images to predict), has no labels: a note says
-    it is not used."""
+def split_folders(root):
+    """(training folder, test folder): root's train/ and test/ (or else val/, valid/, validation/),
+    in any case, as Fruits 360's Training/ and Test/; or (root, None), for class folders alone.
+    A test/ of images alone, as a competition's (the images to predict), has no labels: a note
+    says it is not used."""
+    subfolders = {path.name.lower(): path for path in sorted(root.iterdir()) if path.is_dir()}
+    train_root = subfolders.get("train", subfolders.get("training"))
+    if train_root is None:
+        return root, None
     splits = []
-    for name in ("val", "valid", "validation", "test"):
-        if not (root / name).is_dir():
+    for name in ("val", "valid", "validation", "test", "testing"):
+        if name not in subfolders:
             continue
-        entries = (root / name).iterdir()
-        if any(entry.is_dir() and not is_hidden(entry.name) for entry in entries):
-            splits.append(name)
+        split = subfolders[name]
+        if any(entry.is_dir() and not is_hidden(entry.name) for entry in split.iterdir()):
+            splits.append(split)
         else:
-            print(f"note: {name}/ not used: its images are in no class folder, so unlabelled")
-    return splits
+            print(f"note: {split.name}/ not used: its images are in no class folder, so unlabelled")
+    if len(splits) > 1:  # Kaggle's train/, valid/, test/: the lesson holds out its own
+        unused = "/, ".join(split.name for split in splits[:-1])
+        print(f"note: {unused}/ not used: validation images come from {train_root.name}/")
+    if not splits:
+        return train_root, None
+    return train_root, splits[-1]  # test/, or else the tutorials' name for it
 
 
 def list_images(folder, classes=None):

@@ -85,6 +85,21 @@ def test_with_train_valid_and_test_the_test_set_is_test_and_valid_is_named_as_un
     assert "valid/ not used" not in out
 
 
+def test_the_split_folders_are_found_in_any_case(tmp_path, capsys):
+    root = tmp_path / "fruits-360"  # Fruits 360's Training/ and Test/; a brain MRI set's Testing/
+    write_image_folder(root / "Training")
+    write_image_folder(root / "Test", per_class=3)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "data: 21 train / 3 validation / 9 test (Test/) images, 3 classes" in out  # not 2
+    (root / "Test").rename(root / "Testing")
+    write_image_folder(root / "Validation", per_class=2)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "note: Validation/ not used: validation images come from Training/\n" in out
+    assert "data: 21 train / 3 validation / 9 test (Testing/) images, 3 classes" in out
+
+
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")
     args = folder_run(root, tmp_path / "runs", "--dry-run", "--image-size", "224")

@@ -239,6 +239,16 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, capsys, monkey
     assert (run_dir / "last.pt").exists()
 
 
+def test_a_folder_run_resumes_from_where_its_folder_moved(tmp_path, capsys, monkeypatch):
+    photos = write_image_folder(tmp_path / "photos")
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch, "--dataset", photos, "--batch-size", "8")
+    photos.rename(tmp_path / "moved")
+    code, _, err = run(capsys, "--resume", run_dir)
+    assert code == 2 and err.endswith(f"DATASET (--dataset): there is no folder {photos}\n")
+    code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
+    assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
+
+
 def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
     code, _, err = run(
         capsys, "--dry-run", "--epochs", "1", "--output-dir", tmp_path, "--run-name", "f"
