@@ -300,6 +300,17 @@ def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_lin
     assert "pip install --upgrade torch torchvision --index-url" in mismatch.stderr  # no CUDA
 
 
+def test_a_python_or_torch_too_old_gets_one_line(tmp_path):
+    imported = "import sys, numpy, PIL, torch, torchvision, tqdm\n"
+    old_python = script_with(imported + "sys.version_info = (3, 9, 6)", tmp_path)  # a Mac's own
+    old_torch = script_with(imported + "torch.__version__ = '2.4.1+cpu'", tmp_path)
+    for result in (old_python, old_torch):
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: this script needs Python 3.10 and torch 2.5 or")
+    assert "(found Python 3.9.6, torch " in old_python.stderr
+    assert old_torch.stderr.endswith(", torch 2.4.1+cpu)\n")
+
+
 def test_an_output_dir_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys):
     (tmp_path / "notes").write_text("a file where a folder is expected")
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path / "notes" / "runs")
