@@ -965,7 +965,14 @@ def split_folders(root):
     says it is not used."""
     subfolders = {path.name.lower(): path for path in sorted(root.iterdir()) if path.is_dir()}
     train_root = subfolders.get("train", subfolders.get("training"))
-    if train_root is None:
+    if train_root is None:  # class folders, unless named as splits: Kaggle's seg_train/, test_set/
+        split = r"(^|[_ -])(train|training|test|testing|val|valid|validation)([_ -]|$)"
+        splits = [path.name for name, path in subfolders.items() if re.search(split, name)]
+        if splits:
+            raise SettingError(
+                f"DATASET (--dataset): {root} holds {', '.join(splits)}: splits, not classes? Name"
+                " them train/ and test/, each with a folder per class (README, Your own images)"
+            )
         return root, None
     splits = []
     for name in ("val", "valid", "validation", "test", "testing"):

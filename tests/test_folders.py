@@ -164,6 +164,9 @@ def broken(tmp_path, kind):
     elif kind == "an empty class":
         write_image_folder(root, ["cats", "dogs"])
         (root / "birds").mkdir()
+    elif kind == "splits by other names":  # Kaggle's Intel images; training_set/, test_set/
+        write_image_folder(root / "seg_train" / "seg_train", ["cats", "dogs"])
+        write_image_folder(root / "seg_test" / "seg_test", ["cats", "dogs"], per_class=2)
     elif kind == "other test classes":
         write_image_folder(root / "train", ["cats", "dogs"])
         write_image_folder(root / "test", ["cats", "horses"], per_class=2)
@@ -179,7 +182,9 @@ def broken(tmp_path, kind):
       " photos/ holds the class folders, give that folder: --dataset {root}/photos)"),
      ("an empty class", "Found no valid file for the classes birds. (image files: .jpg .jpeg"),
      ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
-      " train/ (cats, dogs)")],
+      " train/ (cats, dogs)"),
+     ("splits by other names", "{root} holds seg_test, seg_train: splits, not classes? Name them"
+      " train/ and test/, each with a folder per class")],
 )  # fmt: skip
 def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tmp_path, capsys):
     root = broken(tmp_path, kind)
