@@ -967,8 +967,8 @@ def split_folders(root):
     train_root = subfolders.get("train", subfolders.get("training"))
     if train_root is None:  # class folders, unless named as splits: Kaggle's seg_train/, test_set/
         split = r"(^|[_ -])(train|training|test|testing|val|valid|validation)([_ -]|$)"
-        splits = [path.name for name, path in subfolders.items() if re.search(split, name)]
-        if splits:
+        splits = [name for name in subfolders if re.search(split, name)]  # in lower case
+        if len(splits) > 1 or set(splits) & {"test", "testing", "val", "valid", "validation"}:
             raise SettingError(
                 f"DATASET (--dataset): {root} holds {', '.join(splits)}: splits, not classes? Name"
                 " them train/ and test/, each with a folder per class (README, Your own images)"

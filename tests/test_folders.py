@@ -100,6 +100,13 @@ def test_the_split_folders_are_found_in_any_case(tmp_path, capsys):
     assert "data: 21 train / 3 validation / 9 test (Testing/) images, 3 classes" in out
 
 
+def test_a_class_whose_name_holds_a_split_word_is_a_class(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "lab", ("beaker", "flask", "test tube"))
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "images, 3 classes" in out and "\ntest tube " in out  # the test's report
+
+
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")
     args = folder_run(root, tmp_path / "runs", "--dry-run", "--image-size", "224")
@@ -167,6 +174,8 @@ def broken(tmp_path, kind):
     elif kind == "splits by other names":  # Kaggle's Intel images; training_set/, test_set/
         write_image_folder(root / "seg_train" / "seg_train", ["cats", "dogs"])
         write_image_folder(root / "seg_test" / "seg_test", ["cats", "dogs"], per_class=2)
+    elif kind == "a test split beside the classes":
+        write_image_folder(root, ["cats", "dogs", "test"])
     elif kind == "other test classes":
         write_image_folder(root / "train", ["cats", "dogs"])
         write_image_folder(root / "test", ["cats", "horses"], per_class=2)
@@ -184,7 +193,8 @@ def broken(tmp_path, kind):
      ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
       " train/ (cats, dogs)"),
      ("splits by other names", "{root} holds seg_test, seg_train: splits, not classes? Name them"
-      " train/ and test/, each with a folder per class")],
+      " train/ and test/, each with a folder per class"),
+     ("a test split beside the classes", "{root} holds test: splits, not classes?")],
 )  # fmt: skip
 def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tmp_path, capsys):
     root = broken(tmp_path, kind)
