@@ -963,19 +963,20 @@ def split_folders(root):
     in any case, as Fruits 360's Training/ and Test/; or (root, None), for class folders alone.
     A test/ of images alone, as a competition's (the images to predict), has no labels: a note
     says it is not used."""
+    held_out = ("val", "valid", "validation", "test", "testing")  # the last one found is the test
     subfolders = {path.name.lower(): path for path in sorted(root.iterdir()) if path.is_dir()}
     train_root = subfolders.get("train", subfolders.get("training"))
     if train_root is None:  # class folders, unless named as splits: Kaggle's seg_train/, test_set/
-        split = r"(^|[_ -])(train|training|test|testing|val|valid|validation)([_ -]|$)"
+        split = rf"(^|[_ -])({'|'.join(['train', 'training', *held_out])})([_ -]|$)"
         splits = [name for name in subfolders if re.search(split, name)]  # in lower case
-        if len(splits) > 1 or set(splits) & {"test", "testing", "val", "valid", "validation"}:
+        if len(splits) > 1 or set(splits) & set(held_out):
             raise SettingError(
                 f"DATASET (--dataset): {root} holds {', '.join(splits)}: splits, not classes? Name"
                 " them train/ and test/, each with a folder per class (README, Your own images)"
             )
         return root, None
     splits = []
-    for name in ("val", "valid", "validation", "test", "testing"):
+    for name in held_out:
         if name not in subfolders:
             continue
         split = subfolders[name]
