@@ -772,6 +772,8 @@ def read_saved_settings(cfg, given):
             "--resume goes on with the run's own settings; only --epochs, --dataset, --data-dir,"
             f" --output-dir and --num-workers may change, not {', '.join(sorted(given - free))}"
         )
+    if cfg.resume.is_file():  # runs/x/last.pt, as PyTorch's examples take a checkpoint: its folder
+        cfg.resume = cfg.resume.parent
     if not cfg.resume.is_dir():
         raise SettingError(f"--resume: there is no folder {cfg.resume}")
     if not (cfg.resume / "last.pt").exists():  # a finished run removed it

@@ -182,8 +182,9 @@ def test_resume_goes_on_with_the_saved_settings_and_epochs_trains_on(tmp_path, c
         0.5  # config.json is a record for people: editing changes nothing
     )
     config.write_text(json.dumps(edited))
-    code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
-    assert code == 0, err
+    # given its last.pt, as PyTorch's examples take a checkpoint, it resumes the run's folder
+    code, out, err = run(capsys, "--resume", run_dir / "last.pt", "--epochs", "3")
+    assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
     assert "\nunfreezing layer2\n" in out and "stopped: all epochs ran (EPOCHS = 3)" in out
     assert [row["lr_fc"] for row in history(run_dir)] == ["0.001"] * 3
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
