@@ -661,8 +661,8 @@ def weights_setting(text):
         # no such file; the strict load's missing, unknown or misshapen weights; pickled objects
         # (which could run code) or a damaged file; a list or a tensor (it has no .items())
         raise argparse.ArgumentTypeError(
-            f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a file saved by"
-            f" torch.save(model.state_dict(), path) of a ResNet18 ({brief(error)})"
+            f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a file saved by torch.save("
+            f"model.state_dict(), path) of a ResNet18, as a run's best.pt ({brief(error)})"
         ) from None
     return str(folder(text))
 

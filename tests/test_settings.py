@@ -249,7 +249,7 @@ def test_a_weights_file_that_is_not_resnet18_weights_gets_one_line(tmp_path, cap
         code, out, err = run(capsys, "--weights", path, "--output-dir", tmp_path / "runs")
         assert code == 2 and len(err.splitlines()) == 1, (name, err)
         assert f"WEIGHTS (--weights): '{path}' is not allowed: expected IMAGENET1K_V1, none" in err
-        assert expected[name] in err, err
+        assert expected[name] in err and "ResNet18, as a run's best.pt (" in err, err
         assert "THE CODE RAN" not in out + err
 
 
