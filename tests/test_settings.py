@@ -273,42 +273,49 @@ def test_an_earlier_runs_best_pt_is_a_start_whatever_its_head(real_files, tmp_pa
     assert f"model: ResNet18, the weights in {best}, new 3-class head" in out
 
 
-def script_with(env_code, tmp_path):
-    """Run fine_tuning.py --help in a fresh interpreter after `env_code` prepared its imports."""
-    code = env_code + "\nimport runpy, sys\nsys.argv = ['fine_tuning.py', '--help']\n"
-    code += f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')"
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
-    )
+def scripts_with(env_codes, tmp_path):
+    """Run fine_tuning.py --help in fresh interpreters, side by side, each after its `env_code`
+    prepared its imports; their (stderr, returncode)."""
+    processes = []
+    for env_code in env_codes:
+        code = env_code + "\nimport runpy, sys\nsys.argv = ['fine_tuning.py', '--help']\n"
+        code += f"runpy.run_path({str(ROOT / 'fine_tuning.py')!r}, run_name='__main__')"
+        command = [sys.executable, "-c", code]
+        pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        processes.append(subprocess.Popen(command, cwd=tmp_path, **pipes))
+    return [(process.communicate()[1], process.returncode) for process in processes]
 
 
 def test_a_missing_package_or_a_torchvision_built_for_another_torch_gets_one_line(tmp_path):
-    missing = script_with("import sys; sys.modules['tqdm'] = None", tmp_path)
-    assert missing.returncode == 1
-    assert missing.stderr == "error: tqdm is not installed. Run: pip install -r requirements.txt\n"
     fake = tmp_path / "fake" / "torchvision"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
         "raise RuntimeError('operator torchvision::nms does not exist')"
     )
-    mismatch = script_with(f"import sys; sys.path.insert(0, {str(fake.parent)!r})", tmp_path)
-    assert mismatch.returncode == 1 and len(mismatch.stderr.splitlines()) == 1
-    assert (
-        mismatch.stderr.startswith("error: torchvision ")
-        and " does not match torch " in mismatch.stderr
+    (missing, missing_code), (mismatch, mismatch_code) = scripts_with(
+        [
+            "import sys; sys.modules['tqdm'] = None",
+            f"import sys; sys.path.insert(0, {str(fake.parent)!r})",
+        ],
+        tmp_path,
     )
-    assert "pip install --upgrade torch torchvision --index-url" in mismatch.stderr  # no CUDA
+    assert missing_code == 1
+    assert missing == "error: tqdm is not installed. Run: pip install -r requirements.txt\n"
+    assert mismatch_code == 1 and len(mismatch.splitlines()) == 1
+    assert mismatch.startswith("error: torchvision ") and " does not match torch " in mismatch
+    assert "pip install --upgrade torch torchvision --index-url" in mismatch  # no CUDA
 
 
 def test_a_python_or_torch_too_old_gets_one_line(tmp_path):
     imported = "import sys, numpy, PIL, torch, torchvision, tqdm\n"
-    old_python = script_with(imported + "sys.version_info = (3, 9, 6)", tmp_path)  # a Mac's own
-    old_torch = script_with(imported + "torch.__version__ = '2.4.1+cpu'", tmp_path)
-    for result in (old_python, old_torch):
-        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
-        assert result.stderr.startswith("error: this script needs Python 3.10 and torch 2.5 or")
-    assert "(found Python 3.9.6, torch " in old_python.stderr
-    assert old_torch.stderr.endswith(", torch 2.4.1+cpu)\n")
+    old_python = imported + "sys.version_info = (3, 9, 6)"  # a Mac's own python3
+    old_torch = imported + "torch.__version__ = '2.4.1+cpu'"
+    results = scripts_with([old_python, old_torch], tmp_path)
+    for err, code in results:
+        assert code == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith("error: this script needs Python 3.10 and torch 2.5 or")
+    assert "(found Python 3.9.6, torch " in results[0][0]
+    assert results[1][0].endswith(", torch 2.4.1+cpu)\n")
 
 
 def test_an_output_dir_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys):
