@@ -570,15 +570,17 @@ class RunError(Exception):
 
 
 def command(*args):
-    """A command to paste: python fine_tuning.py ARGS, each quoted for the shell; or, for the
-    script pasted into a notebook, the call for a new cell: cli([ARGS])."""
+    """A command to paste: python fine_tuning.py ARGS, each quoted for the shell, named by the
+    interpreter that runs it (python3, say); or, for the script pasted into a notebook, the call
+    for a new cell: cli([ARGS])."""
     words = [str(arg) for arg in args]
     if PASTED:
         return f"cli({words!r})"
     script = "fine_tuning.py"
     if os.path.dirname(__file__) != os.getcwd():  # run by its path from elsewhere: that path
         script = __file__
-    words = ["python", script, *words]
+    python = os.path.basename(sys.executable) or "python"  # as run: python3 on a Mac, say
+    words = [python, script, *words]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
     return shlex.join(words)

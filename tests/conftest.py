@@ -25,6 +25,7 @@ import fine_tuning as ft  # noqa: E402
 from fake_cifar10 import trusted_md5, write_cifar10  # noqa: E402
 
 LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
+PYTHON = os.path.basename(sys.executable)  # the interpreter's name, as printed commands begin
 
 
 def pytest_configure(config):

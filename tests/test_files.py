@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import fine_tuning as ft
-from conftest import load_state, run, tiny
+from conftest import PYTHON, load_state, run, tiny
 
 
 def dry(out, *extra):
@@ -56,7 +56,7 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses
     assert code == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: the disk is full: could not write {run_dir / name}.")
     resume = ft.command("--resume", run_dir)
-    assert shlex.split(resume) == ["python", "fine_tuning.py", "--resume", str(run_dir)]
+    assert shlex.split(resume) == [PYTHON, "fine_tuning.py", "--resume", str(run_dir)]
     assert err.endswith(f"free some space, then resume: {resume}\n")
     assert load_state(run_dir / "last.pt")["epoch"] == 1  # the old file, whole
     assert sorted(p.name for p in run_dir.iterdir()) == [
@@ -210,7 +210,7 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
     assert code == 1 and len(err.splitlines()) == 1, err
     assert f"could not write {tmp_path / 'summary.csv'} (Permission denied: open in another" in err
     resume = shlex.split(err.split("then resume: ")[1])
-    assert resume == ["python", "fine_tuning.py", "--resume", str(tmp_path / "held")]
+    assert resume == [PYTHON, "fine_tuning.py", "--resume", str(tmp_path / "held")]
     monkeypatch.delattr(ft, "open")  # the spreadsheet is closed
     code, out, err = run(capsys, *resume[2:])
     assert code == 0 and "test accuracy" in out, err
@@ -219,15 +219,23 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
 
 def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
+    monkeypatch.setattr(ft.sys, "executable", "/usr/bin/python")  # run by `python`
     command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
 
 
+def test_a_printed_command_names_the_interpreter_that_runs_the_script(monkeypatch):
+    monkeypatch.setattr(ft.sys, "executable", "/usr/bin/python3")  # a Mac or Ubuntu: no `python`
+    assert ft.command("--resume", "runs/x") == "python3 fine_tuning.py --resume runs/x"
+    monkeypatch.setattr(ft.sys, "executable", "")  # an embedding program may not say
+    assert ft.command("--dry-run") == "python fine_tuning.py --dry-run"
+
+
 def test_a_printed_command_run_from_another_folder_names_the_scripts_path(tmp_path, monkeypatch):
-    assert shlex.split(ft.command("--dry-run")) == ["python", "fine_tuning.py", "--dry-run"]
+    assert shlex.split(ft.command("--dry-run")) == [PYTHON, "fine_tuning.py", "--dry-run"]
     monkeypatch.chdir(tmp_path)  # Colab: `!python drive/MyDrive/fine_tuning.py` from /content
     words = shlex.split(ft.command("--resume", "runs/x"))
-    assert words == ["python", ft.__file__, "--resume", "runs/x"]
+    assert words == [PYTHON, ft.__file__, "--resume", "runs/x"]
     assert os.path.isabs(words[1]) and os.path.isfile(words[1])
 
 

@@ -15,6 +15,7 @@ import torch
 
 import fine_tuning as ft
 from conftest import (
+    PYTHON,
     epoch_row,
     load_state,
     run,
@@ -72,7 +73,7 @@ def test_ctrl_c_mid_epoch_tests_the_best_weights_and_the_resume_is_exact(
     assert code == 130 and "Traceback" not in err, out + err
     assert "stopped: interrupted (Ctrl-C)" in out
     assert "test accuracy" in out and "the weights of epoch 1" in out  # the best so far
-    assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
+    assert f"resume with: {PYTHON} fine_tuning.py --resume {run_dir}" in out
     assert json.loads((run_dir / "results.json").read_text())["stop_reason"].startswith("interr")
     assert len(history(run_dir)) == 1 and load_state(run_dir / "last.pt")["epoch"] == 1
     # Resumed, with two DataLoader workers, it ends with exactly the weights of an unbroken run.
@@ -97,7 +98,7 @@ def test_ctrl_c_to_the_process_group_reaches_the_script_alone(cifar_root, torch_
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in out + err, out + err
     assert "stopped: interrupted (Ctrl-C)" in out and "test accuracy" in out
-    assert f"resume with: python fine_tuning.py --resume {tmp_path / 'group'}" in out
+    assert f"resume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'group'}" in out
     assert load_state(tmp_path / "group" / "last.pt")["epoch"] >= 1  # whole, and loadable
     time.sleep(1)
     assert not [pid for pid in workers if alive(pid)]
@@ -115,7 +116,7 @@ def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeyp
     ctrl_c_at_batch(monkeypatch, 2)  # a dry run's epochs have 1 batch: in epoch 2
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "twice")
     assert code == 130 and "test accuracy" not in out and not err, out + err
-    assert out.endswith(f"resume with: python fine_tuning.py --resume {tmp_path / 'twice'}\n")
+    assert out.endswith(f"resume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'twice'}\n")
 
 
 def test_sigterm_stops_like_ctrl_c_and_exits_143(cifar_root, torch_home, tmp_path):
@@ -129,7 +130,7 @@ def test_sigterm_stops_like_ctrl_c_and_exits_143(cifar_root, torch_home, tmp_pat
     run_dir = tmp_path / "term"
     assert "stopped: interrupted (SIGTERM)" in out and "test accuracy" in out
     assert f"kept in {run_dir}: best.pt config.json history.csv last.pt results.json\n" in out
-    assert f"resume with: python fine_tuning.py --resume {run_dir}" in out
+    assert f"resume with: {PYTHON} fine_tuning.py --resume {run_dir}" in out
 
 
 def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_without_workers(
