@@ -551,7 +551,6 @@ CIFAR10_CLASSES = [
 ]  # fmt: skip
 CIFAR10_PER_CLASS = 5_000  # training images per class: the splits are checked before any download
 CIFAR10_HOME = "https://www.cs.toronto.edu/~kriz/cifar.html"
-OFFLINE = "`python fine_tuning.py --dry-run` works offline."
 DRY_RUN_BATCHES = 1  # --dry-run: batches per phase (train, validation, test)
 DRY_RUN_EPOCHS = 2  # --dry-run: epochs, unless --epochs is given or the schedule needs more
 HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -891,7 +890,8 @@ def read_cifar10(cfg):
     except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
         raise RunError(
             f"could not download CIFAR-10 ({error.reason}). Without internet, put"
-            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {OFFLINE}"
+            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}."
+            f" `{command('--dry-run')}` works offline."
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed
         raise RunError(
@@ -1600,7 +1600,8 @@ def cli(argv=None):
         file = cached_weights()
         where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
         reason = f"could not download the ImageNet weights ({error.reason})"
-        return fail(f"error: {reason}. Without internet, {where} PATH. {OFFLINE}", 1)
+        offline = f"`{command('--dry-run')}` works offline"
+        return fail(f"error: {reason}. Without internet, {where} PATH. {offline}.", 1)
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause

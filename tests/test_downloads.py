@@ -10,7 +10,7 @@ import pytest
 import torch.hub
 from torchvision import datasets
 
-from conftest import run, tiny, trust
+from conftest import PYTHON, run, tiny, trust
 
 
 def test_offline_the_cifar10_download_says_what_failed_and_where_to_put_a_copy(tmp_path, capsys):
@@ -21,7 +21,8 @@ def test_offline_the_cifar10_download_says_what_failed_and_where_to_put_a_copy(t
         "put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html)"
         f" in {tmp_path / 'data'}" in err
     )
-    assert "`python fine_tuning.py --dry-run` works offline." in err and len(err.splitlines()) == 1
+    assert f"`{PYTHON} fine_tuning.py --dry-run` works offline." in err
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
@@ -39,6 +40,7 @@ def test_offline_the_weights_download_says_where_to_put_the_file(
         f" in {checkpoints}" in err
     )
     assert "or pass its path: --weights PATH" in err
+    assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
 
 
 def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_path, capsys):
