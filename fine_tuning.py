@@ -585,6 +585,10 @@ def command(*args):
     return shlex.join(words)
 
 
+def works_offline():
+    return f"`{command('--dry-run')}` works offline."  # the hint of a failed download
+
+
 # --- The command line: the constants are its defaults, so one path checks both --------------------
 def flag(name):
     return "--" + name.lower().replace("_", "-")
@@ -890,8 +894,7 @@ def read_cifar10(cfg):
     except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
         raise RunError(
             f"could not download CIFAR-10 ({error.reason}). Without internet, put"
-            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}."
-            f" `{command('--dry-run')}` works offline."
+            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {works_offline()}"
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed
         raise RunError(
@@ -1600,8 +1603,7 @@ def cli(argv=None):
         file = cached_weights()
         where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
         reason = f"could not download the ImageNet weights ({error.reason})"
-        offline = f"`{command('--dry-run')}` works offline"
-        return fail(f"error: {reason}. Without internet, {where} PATH. {offline}.", 1)
+        return fail(f"error: {reason}. Without internet, {where} PATH. {works_offline()}", 1)
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause
