@@ -578,7 +578,7 @@ def command(*args):
     script = "fine_tuning.py"
     if os.path.dirname(__file__) != os.getcwd():  # run by its path from elsewhere: that path
         script = __file__
-    python = os.path.basename(sys.executable) or "python"  # as run: python3 on a Mac, say
+    python = os.path.basename(sys.executable).removesuffix(".exe") or "python"  # python3, say
     words = [python, script, *words]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others

@@ -5,6 +5,7 @@ import builtins
 import csv
 import errno
 import io
+import ntpath
 import os
 import shlex
 import threading
@@ -219,7 +220,8 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
 
 def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
-    monkeypatch.setattr(ft.sys, "executable", "/usr/bin/python")  # run by `python`
+    monkeypatch.setattr(ft.os, "path", ntpath)
+    monkeypatch.setattr(ft.sys, "executable", "C:\\Python312\\python.exe")  # printed: python
     command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
 
