@@ -1437,15 +1437,18 @@ def print_comparison(before, now, changed):
     sampling error of the validation set named as such."""
     changes = [f"{name} {before.get(name)} -> {now[name]}" for name in changed]
     gap = 100 * (number(now["best_val_acc"]) - number(before["best_val_acc"]))
-    minutes = (number(now["minutes"]) or 0) / max(number(before["minutes"]) or 0, 1e-9)
+    minutes = ""
+    before_minutes = number(before["minutes"]) or 0  # 0 for a run under 0.3 s, or a cleared cell
+    if before_minutes > 0:
+        minutes = f", {number(now['minutes']) / before_minutes:.1f}x the minutes"
     images = int(now["val_images"])
     p = number(now["best_val_acc"])
     error = 200 * math.sqrt(p * (1 - p) / images)  # two standard errors of an accuracy on n images
     text = (
         f"vs {before['run']} ({', '.join(changes) or 'the same settings'}): validation accuracy of"
-        f" the best epoch {gap:+.1f} points, {minutes:.1f}x the minutes. Each figure is"
-        f" ±{error:.1f} points: the sampling error of the {images:,} validation images (two"
-        " standard errors). Runs with another --seed show how much runs differ."
+        f" the best epoch {gap:+.1f} points{minutes}. Each figure is ±{error:.1f} points: the"
+        f" sampling error of the {images:,} validation images (two standard errors). Runs with"
+        " another --seed show how much runs differ."
     )
     print("\n" + textwrap.fill(text, 100))
 

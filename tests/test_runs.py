@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import pytest
 import torch
 from PIL import Image
 from torchvision.models import ResNet
@@ -118,6 +119,19 @@ def test_each_run_is_compared_with_the_earlier_run_that_differs_from_it_least(
     assert comparison(printed["head2"]).startswith("vs head (the same settings): ")
     table = printed["head2"][printed["head2"].index("the last 4 of 4 runs") :].splitlines()
     assert table[3].endswith("  head: the same settings") and table[5].endswith("  head2: this run")
+
+
+@pytest.mark.parametrize("minutes", ["0.5", "0.0", ""])
+def test_the_minutes_are_compared_only_with_an_earlier_runs_time(minutes, capsys):
+    # 0.0: a run under 0.3 s (a few images on a GPU); "": a cell cleared in a spreadsheet
+    before = {"run": "old", "best_val_acc": "0.8", "minutes": minutes}
+    now = {"run": "new", "best_val_acc": "0.82", "minutes": "1.5", "val_images": "5000"}
+    ft.print_comparison(before, now, [])
+    line = comparison(capsys.readouterr().out)
+    if minutes == "0.5":
+        assert "of the best epoch +2.0 points, 3.0x the minutes. Each figure is ±1.1 points" in line
+    else:
+        assert "of the best epoch +2.0 points. Each figure is ±1.1 points" in line
 
 
 def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_setting(tmp_path, capsys):
