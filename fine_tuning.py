@@ -1442,8 +1442,10 @@ def print_comparison(before, now, changed):
     if before_minutes > 0:
         minutes = f", {number(now['minutes']) / before_minutes:.1f}x the minutes"
     images = int(now["val_images"])
-    p = number(now["best_val_acc"])
-    error = 200 * math.sqrt(p * (1 - p) / images)  # two standard errors of an accuracy on n images
+    # Two standard errors of an accuracy on n images, with Agresti and Coull's 2 right and 2 wrong
+    # added: a small validation set at 100% (or 0%) still has an error, not ±0.0
+    p = (number(now["best_val_acc"]) * images + 2) / (images + 4)
+    error = 200 * math.sqrt(p * (1 - p) / (images + 4))
     text = (
         f"vs {before['run']} ({', '.join(changes) or 'the same settings'}): validation accuracy of"
         f" the best epoch {gap:+.1f} points{minutes}. Each figure is ±{error:.1f} points: the"

@@ -134,6 +134,14 @@ def test_the_minutes_are_compared_only_with_an_earlier_runs_time(minutes, capsys
         assert "of the best epoch +2.0 points. Each figure is ±1.1 points" in line
 
 
+def test_a_perfect_validation_accuracy_still_has_a_sampling_error(capsys):
+    before = {"run": "old", "best_val_acc": "0.9167", "minutes": "0.5"}
+    now = {"run": "new", "best_val_acc": "1.0", "minutes": "0.5", "val_images": "12"}
+    ft.print_comparison(before, now, [])  # 12 of 12 right: not ±0.0, but (14 of 16) ±16.5
+    line = comparison(capsys.readouterr().out)
+    assert "Each figure is ±16.5 points: the sampling error of the 12 validation images" in line
+
+
 def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_setting(tmp_path, capsys):
     args = ["--dry-run", "--freeze-until", "layer3", "--head-lr", "0.002", "--output-dir", tmp_path]
     code, out, err = run(capsys, *args)
