@@ -1409,6 +1409,8 @@ def print_runs(rows, shown=8):
     names = [name for name in SETTINGS if name not in WHERE]
     changes = [[name for name in names if row.get(name) != now[name]] for row in runs]
     last = f"the last {min(shown, len(runs))} of {len(runs)} runs in summary.csv"
+    if len(runs) == 1:
+        last = "the first run in summary.csv"  # not "the last 1 of 1 runs"
     print(f"\n{last} (val acc: the best epoch's, on the validation split)")
     print(f"{'val acc':>8}{'test acc':>9}{'epochs':>7}{'minutes':>8}  run: where it differs")
     for row, changed in zip(runs[-shown:], changes[-shown:], strict=True):

@@ -42,6 +42,7 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     summary = rows(tmp_path / "summary.csv")
     assert [row["run"] for row in summary] == ["first"] and summary[0]["IMAGE_SIZE"] == "32"
     assert summary[0]["DATASET"] == "CIFAR10"
+    assert "\nthe first run in summary.csv (val acc: the best epoch's" in out
 
 
 def test_the_imagenet_weights_come_through_torchvisions_cache(real_files, torch_home):
