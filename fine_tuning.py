@@ -431,7 +431,6 @@ def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
     device = next(model.parameters()).device
     model.eval()
     inputs.eval()  # no augmentation
-    num_classes = model.fc.out_features
     total_loss = torch.zeros((), device=device)
     all_labels, predictions = [], []
     for images, labels in progress_bar(loader, desc):
@@ -444,6 +443,7 @@ def evaluate(model, loader, inputs, amp_dtype=None, desc="val"):
         predictions.append(torch.stack([predicted.float(), probability], 1))
         all_labels.append(labels)
     predictions = torch.cat(predictions).cpu()
+    num_classes = logits.shape[1]  # a logit per class, whatever the model calls its head
     ## The confusion matrix: how many images of each true class (row) got each prediction (column).
     pairs = torch.cat(all_labels).cpu() * num_classes + predictions[:, 0].long()
     confusion = torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)

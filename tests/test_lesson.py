@@ -307,6 +307,19 @@ def test_evaluation_counts_each_image_once_in_the_confusion_matrix_for_any_numbe
     assert torch.equal(predictions[:, 0].long(), expected) and predictions.shape == (50, 2)
 
 
+def test_the_training_step_and_evaluation_copy_into_a_project_with_another_model():
+    # No ResNet `fc`, no augmentation module: the lesson's functions, as a learner copies them.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    loader = DataLoader(TensorDataset(torch.rand(20, 3, 8, 8), torch.arange(20) % 4), 8)
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, accuracy = ft.train_one_epoch(model, loader, optimizer, scaler, torch.nn.Identity())
+    assert math.isfinite(loss) and 0 <= accuracy <= 1
+    loss, confusion, predictions = ft.evaluate(model, loader, torch.nn.Identity())
+    assert confusion.shape == (4, 4) and confusion.sum() == 20 and predictions.shape == (20, 2)
+
+
 # --- Early stopping -------------------------------------------------------------------------------
 def test_early_stopping_stops_after_patience_epochs_without_an_improvement_of_min_delta():
     stopper = ft.EarlyStopping(patience=2, min_delta=0.01)
