@@ -223,7 +223,8 @@ def random_resized_crop_flip(images, generator, scale=(0.35, 1.0), ratio=(3 / 4,
 ## ImageNet's mean and standard deviation per colour channel, at about ImageNet's size. Like the
 ## augmentation layers of Keras's guide, this module augments in train mode only.
 class ModelInput(nn.Module):
-    """uint8 images -> the network's input: augmented in train mode, at `image_size`, normalised."""
+    """Images (uint8, or floats from 0 to 1) -> the network's input: augmented in train mode, at
+    `image_size`, normalised."""
 
     def __init__(self, image_size, seed):
         super().__init__()
@@ -234,7 +235,7 @@ class ModelInput(nn.Module):
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = images.float() / 255
+        x = v2.functional.to_dtype(images, torch.float32, scale=True)  # uint8 / 255; floats as is
         if self.training and x.shape[-1] <= 64:
             x = random_crop_flip(x, self.generator)
         elif self.training:
