@@ -778,12 +778,7 @@ def read_saved_settings(cfg, given):
             "--resume goes on with the run's own settings; only --epochs, --dataset, --data-dir,"
             f" --output-dir and --num-workers may change, not {', '.join(sorted(given - free))}"
         )
-    if cfg.resume.is_file():  # runs/x/last.pt, as PyTorch's examples take a checkpoint: its folder
-        cfg.resume = cfg.resume.parent
-    if not cfg.resume.is_dir():
-        raise SettingError(f"--resume: there is no folder {cfg.resume}")
-    if not (cfg.resume / "last.pt").exists():  # a finished run removed it
-        raise SettingError(f"--resume: {cfg.resume} has no last.pt: it finished, or never began")
+    cfg.resume = run_to_resume(cfg.resume)
     try:
         state = torch.load(cfg.resume / "last.pt", map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as error:  # a copy cut short, say
@@ -800,6 +795,23 @@ def read_saved_settings(cfg, given):
         raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
     cfg.dry_run = state["dry_run"]
     cfg.checkpoint = state
+
+
+def run_to_resume(path):
+    """The folder of a stopped run, given as runs/x or, as PyTorch's examples take a checkpoint,
+    runs/x/last.pt; or one line on why it cannot resume."""
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise SettingError(f"--resume: there is no folder {path}")
+    if (path / "best.pt").exists() and not (path / "last.pt").exists():
+        raise SettingError(
+            f"--resume: {path} finished (and removed its last.pt). A new run can start from its"
+            f" weights: {command('--weights', path / 'best.pt')}"
+        )
+    if not (path / "last.pt").exists():  # runs/, say, instead of runs/<run name>
+        raise SettingError(f"--resume: {path} is not a run folder: it has no last.pt")
+    return path
 
 
 def check_together(cfg):

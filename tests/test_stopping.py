@@ -258,7 +258,13 @@ def test_resume_of_a_finished_run_or_of_nothing_says_so(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(capsys, "--resume", tmp_path / "f")
     assert code == 2
-    assert err.endswith(f"--resume: {tmp_path / 'f'} has no last.pt: it finished, or never began\n")
+    finished = f"--resume: {tmp_path / 'f'} finished (and removed its last.pt). A new run can start"
+    assert finished in err and len(err.splitlines()) == 1
+    new_run = shlex.split(err.split("from its weights: ")[1])  # to train on: a command to paste
+    assert new_run == [PYTHON, "fine_tuning.py", "--weights", str(tmp_path / "f" / "best.pt")]
+    code, _, err = run(capsys, "--resume", tmp_path)  # the output folder, not a run's folder
+    assert code == 2
+    assert err.endswith(f"--resume: {tmp_path} is not a run folder: it has no last.pt\n")
     code, _, err = run(capsys, "--resume", tmp_path / "nowhere")
     assert code == 2 and err.endswith(f"--resume: there is no folder {tmp_path / 'nowhere'}\n")
     cut = tmp_path / "cut"  # a last.pt copied from Colab, the copy cut short (or empty)
