@@ -804,14 +804,14 @@ def run_to_resume(path):
         path = path.parent
     if not path.is_dir():
         raise SettingError(f"--resume: there is no folder {path}")
-    if (path / "best.pt").exists() and not (path / "last.pt").exists():
+    if (path / "last.pt").exists():
+        return path
+    if (path / "best.pt").exists():  # a finished run removes its last.pt
         raise SettingError(
             f"--resume: {path} finished (and removed its last.pt). A new run can start from its"
             f" weights: {command('--weights', path / 'best.pt')}"
         )
-    if not (path / "last.pt").exists():  # runs/, say, instead of runs/<run name>
-        raise SettingError(f"--resume: {path} is not a run folder: it has no last.pt")
-    return path
+    raise SettingError(f"--resume: {path} is not a run folder: it has no last.pt")  # runs/, say
 
 
 def check_together(cfg):
