@@ -235,7 +235,9 @@ class ModelInput(nn.Module):
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = v2.functional.to_dtype(images, torch.float32, scale=True)  # uint8 / 255; floats as is
+        x = images
+        if images.dtype == torch.uint8:
+            x = images.float() / 255  # floats (a ToTensor loader's, 0 to 1) are taken as they are
         if self.training and x.shape[-1] <= 64:
             x = random_crop_flip(x, self.generator)
         elif self.training:
