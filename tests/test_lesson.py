@@ -319,8 +319,7 @@ def test_the_training_step_and_evaluation_copy_into_a_project_with_another_model
     loss, confusion, predictions = ft.evaluate(model, loader, torch.nn.Identity())
     assert confusion.shape == (4, 4) and confusion.sum() == 20 and predictions.shape == (20, 2)
     # ModelInput takes a float loader's images (transforms.ToTensor's, 0 to 1) as it takes uint8
-    floats = torch.rand(2, 3, 8, 8)
-    as_uint8 = (floats * 255).round().to(torch.uint8)
+    as_uint8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     model_input = ft.ModelInput(8, seed=0).eval()
     expected = model_input(as_uint8)
     assert torch.allclose(model_input(as_uint8.float() / 255), expected, atol=1e-6)
