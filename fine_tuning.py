@@ -1307,13 +1307,13 @@ def exit_code(interrupt):
 
 # --- Files: every write is atomic, so a crash, Ctrl-C or a full disk never leaves half a file -----
 def save(obj, path):
+    """torch.save into memory, then written() to the file. Saved to the file itself, a full disk
+    came wrapped in torch's "unexpected pos" error, and a torch.save cut short by Ctrl-C left its
+    writer to finish on a closed file as Python exited: an abort. A buffer stays open."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with written(path) as file:
-        try:
-            torch.save(obj, file)
-        except RuntimeError as error:  # "unexpected pos": torch.save wraps what stopped its write
-            if error.__context__ is None:
-                raise
-            raise error.__context__ from None  # a full disk, Ctrl-C, a DataLoader worker's death
+        file.write(buffer.getbuffer())
 
 
 def write_text(path, text):

@@ -8,12 +8,14 @@ import io
 import ntpath
 import os
 import shlex
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import fine_tuning as ft
-from conftest import PYTHON, load_state, run, tiny
+from conftest import PYTHON, ROOT, load_state, run, tiny
 
 
 def dry(out, *extra):
@@ -76,9 +78,8 @@ class Interrupted(io.FileIO):
     """A file whose writing Ctrl-C interrupts after 1,000 bytes."""
 
     def write(self, data):
-        if self.tell() > 1000:
-            raise KeyboardInterrupt
-        return super().write(data)
+        super().write(bytes(data)[: max(0, 1000 - self.tell())])
+        raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
@@ -108,6 +109,38 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_cleanly_with_the_last_one_wh
     tested = {"last.pt": 2, "best.pt": 1}[name]  # epoch 2's best.pt was never whole
     assert f"(the weights of epoch {tested}, the best val_loss, from best.pt" in out
     assert load_state(tmp_path / "saving" / "last.pt")["epoch"] == 1
+
+
+CTRL_C_AS_TORCH_SAVE_ENDS = """
+import sys
+import torch.serialization
+import fine_tuning as ft
+
+finish = torch.serialization._open_zipfile_writer_buffer.__exit__
+calls = []
+
+
+def interrupted_finish(self, *args):
+    calls.append(1)
+    if len(calls) == 3:  # epoch 2's first save: Ctrl-C before the zip writer writes its end
+        raise KeyboardInterrupt
+    return finish(self, *args)
+
+
+torch.serialization._open_zipfile_writer_buffer.__exit__ = interrupted_finish
+sys.exit(ft.cli(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_as_torch_save_ends_exits_130_not_with_an_abort_as_python_exits(tmp_path):
+    # An unfinished zip writer writes its end when Python frees it, at exit: to a closed file, it
+    # threw in a destructor ("terminate called ...", exit 134). save() gives it a buffer instead.
+    code = ["-c", CTRL_C_AS_TORCH_SAVE_ENDS, *dry(tmp_path, "--run-name", "cut")]
+    done = subprocess.run([sys.executable, *code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 130 and not done.stderr, done.stderr[-2000:]
+    assert "(the weights of epoch 1, the best val_loss, from best.pt" in done.stdout
+    assert "resume with: " in done.stdout
+    assert load_state(tmp_path / "cut" / "best.pt")["fc.bias"].shape == (10,)  # epoch 1's, whole
 
 
 def test_a_full_disk_in_the_first_epoch_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
