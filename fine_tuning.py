@@ -1307,9 +1307,9 @@ def exit_code(interrupt):
 
 # --- Files: every write is atomic, so a crash, Ctrl-C or a full disk never leaves half a file -----
 def save(obj, path):
-    """torch.save into memory, then written() to the file. Saved to the file itself, a full disk
-    came wrapped in torch's "unexpected pos" error, and a torch.save cut short by Ctrl-C left its
-    writer to finish on a closed file as Python exited: an abort. A buffer stays open."""
+    """torch.save into memory, then written() to the file. Not torch.save(obj, file): it wraps a
+    full disk's error in its own ("unexpected pos"), and if Ctrl-C cuts it short, its writer ends
+    the file as Python exits, after written() closed it: an abort. This buffer stays open."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with written(path) as file:
