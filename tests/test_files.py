@@ -30,8 +30,11 @@ class FillsUp(io.FileIO):
     def write(self, data):
         written = super().write(bytes(data)[: self.room])
         if written < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            self.stop()
         return written
+
+    def stop(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def disk_fills_at(monkeypatch, name, at_write):
@@ -74,11 +77,10 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses
         assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
 
 
-class Interrupted(io.FileIO):
+class Interrupted(FillsUp):
     """A file whose writing Ctrl-C interrupts after 1,000 bytes."""
 
-    def write(self, data):
-        super().write(bytes(data)[: max(0, 1000 - self.tell())])
+    def stop(self):
         raise KeyboardInterrupt
 
 
