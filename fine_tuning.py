@@ -1492,7 +1492,8 @@ def print_blocks(model, optimizer, frozen_bn):
 def print_report(confusion, classes):
     """Each class's test accuracy, and the class it is most often taken for: a line a class, for
     any number of classes (results.json keeps the whole confusion matrix)."""
-    print(f"\n{'class':<14}{'test images':>11}{'accuracy':>10}  most often taken for (images)")
+    width = max([14] + [len(name) + 1 for name in classes])  # a folder's names may be long
+    print(f"\n{'class':<{width}}{'test images':>11}{'accuracy':>10}  most often taken for (images)")
     per_class = {}
     for c, name in enumerate(classes):
         images = confusion[c].sum().item()
@@ -1506,7 +1507,7 @@ def print_report(confusion, classes):
         taken_for = "-"
         if mistakes.max() > 0:
             taken_for = f"{classes[mistakes.argmax()]} ({mistakes.max()})"
-        print(f"{name[:13]:<14}{images:>11,}{shown:>10}  {taken_for}")
+        print(f"{name:<{width}}{images:>11,}{shown:>10}  {taken_for}")
     return per_class
 
 

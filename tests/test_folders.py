@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import fine_tuning as ft
 from conftest import load_state, run, write_image_folder
@@ -36,6 +37,18 @@ def test_a_folder_with_train_and_test_trains_tests_and_reports_with_its_class_na
     assert load_state(run_dir / "best.pt")["fc.weight"].shape == (3, 512)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["settings"]["DATASET"] == str(root) and config["settings"]["IMAGE_SIZE"] == 93
+
+
+def test_the_report_names_each_class_in_full_however_long(capsys):
+    classes = ["Apple Red Delicious", "Apple Red Yellow 2", "fig"]  # Fruits 360's, say
+    confusion = torch.tensor([[3, 1, 0], [2, 2, 0], [0, 0, 0]])
+    per_class = ft.print_report(confusion, classes)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "Apple Red Delicious           4     75.0%  Apple Red Yellow 2 (1)"
+    assert lines[3] == "Apple Red Yellow 2            4     50.0%  Apple Red Delicious (2)"
+    assert lines[4] == "fig                           0       n/a  -"
+    assert lines[1] == f"{'class':<20}test images  accuracy  most often taken for (images)"
+    assert per_class == {"Apple Red Delicious": 0.75, "Apple Red Yellow 2": 0.5, "fig": None}
 
 
 def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_test(
