@@ -715,7 +715,7 @@ def settings_parser():
         "VAL_FRACTION": checked(float, lambda x: 0 < x < 1, "a number between 0 and 1, e.g. 0.1"),
         "TRAIN_PER_CLASS": checked(number_or("all"), lambda n: n == "all" or n >= 1, "all or 1+"),
         "IMAGE_SIZE": checked(
-            number_or("auto"), lambda n: n == "auto" or 32 <= n <= 512, "auto or 32 to 512"
+            number_or("auto"), lambda n: n == "auto" or 1 <= n <= 512, "auto or 1 to 512"
         ),
         "WEIGHTS": weights_setting,
         "FREEZE_UNTIL": one_of("none", *BLOCKS[:-1]),

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import fine_tuning as ft
 from conftest import load_state, run, write_image_folder
@@ -49,6 +50,21 @@ def test_the_report_names_each_class_in_full_however_long(capsys):
     assert lines[4] == "fig                           0       n/a  -"
     assert lines[1] == f"{'class':<20}test images  accuracy  most often taken for (images)"
     assert per_class == {"Apple Red Delicious": 0.75, "Apple Red Yellow 2": 0.5, "fig": None}
+
+
+def test_small_images_keep_their_size_and_the_flag_takes_it_back(tmp_path, capsys):
+    root = tmp_path / "digits"  # MNIST's 28 px as PNG files, say
+    for c, name in enumerate(["one", "seven"]):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (28, 28), 100 * c + i).save(root / name / f"{i}.png")
+    args = folder_run(root, tmp_path / "runs", "--dry-run", "--batch-size", "4")
+    code, out, err = run(capsys, *args, "--run-name", "auto")
+    assert code == 0 and " images, 2 classes, 28 px\n" in out, err
+    config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())
+    assert config["settings"]["IMAGE_SIZE"] == 28  # as summary.csv records it, and as a flag:
+    code, out, err = run(capsys, *args, "--image-size", "28")
+    assert code == 0 and " images, 2 classes, 28 px\n" in out, err
 
 
 def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_test(

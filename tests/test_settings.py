@@ -53,7 +53,7 @@ BAD_FLAGS = [  # a flag, and what the one line says
         "--batch-size 1",
         "BATCH_SIZE (--batch-size): '1' is not allowed: expected a whole number >= 2",
     ),
-    ("--image-size big", "IMAGE_SIZE (--image-size): 'big' is not allowed: expected auto or 32"),
+    ("--image-size big", "IMAGE_SIZE (--image-size): 'big' is not allowed: expected auto or 1 "),
     ("--unfreeze-schedule 5:layer9", "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9' is not"),
     (
         "--weights imagenet",
