@@ -952,8 +952,9 @@ def read_folder(cfg):
     """A folder with train/ (and test/, or else a test split is held out), or with the class
     folders alone: checked, then read by load_image_folder()."""
     root = Path(cfg.dataset)
-    if not root.is_dir():  # a resumed run's, moved since: --resume takes a new --dataset
-        raise SettingError(f"DATASET (--dataset): there is no folder {root}")
+    if not root.is_dir():  # a resumed run's, moved since (a new run's is checked by its flag)
+        moved = command("--resume", cfg.resume, "--dataset", "FOLDER")
+        raise SettingError(f"DATASET (--dataset): there is no folder {root}. Moved? {moved}")
     train_root, test_root = split_folders(root)
     listing = list_images(train_root)
     cfg.classes = listing.classes

@@ -246,7 +246,8 @@ def test_a_folder_run_resumes_from_where_its_folder_moved(tmp_path, capsys, monk
     run_dir = stopped_run(tmp_path, capsys, monkeypatch, "--dataset", photos, "--batch-size", "8")
     photos.rename(tmp_path / "moved")
     code, _, err = run(capsys, "--resume", run_dir)
-    assert code == 2 and err.endswith(f"DATASET (--dataset): there is no folder {photos}\n")
+    moved = ft.command("--resume", run_dir, "--dataset", "FOLDER")  # its new place
+    assert code == 2 and err.endswith(f"there is no folder {photos}. Moved? {moved}\n"), err
     code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
 
