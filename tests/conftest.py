@@ -28,8 +28,8 @@ LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
 PYTHON = os.path.basename(sys.executable)  # the interpreter's name, as printed commands begin
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n auto`: a share of the cores each
-    # Two workers with two threads each took the 2-core CI machine 324 s, one thread each 100 s:
-    # these tiny batches gain nothing from a second thread, which only contends.
+    # On 2 AVX2 cores two workers of two threads each took 324 s, of one thread 100 s: these tiny
+    # batches gain nothing from a second thread, which only contends.
     threads = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # and the scripts the tests start as processes
