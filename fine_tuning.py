@@ -1569,7 +1569,8 @@ def save_pictures(run, test_set, predictions):
         axis.plot(epochs, [row[f"val_{metric}"] for row in run.history], "o-", label="validation")
         axis.plot(best["epoch"], best[f"val_{metric}"], "*", markersize=16, label="best epoch")
         for epoch, block in run.cfg.unfreeze_schedule.items():
-            axis.axvline(epoch - 0.5, color="grey", linestyle="--", label=f"unfreeze {block}")
+            if epoch <= epochs[-1]:  # not an unfreezing that early stopping came before
+                axis.axvline(epoch - 0.5, color="grey", linestyle="--", label=f"unfreeze {block}")
         axis.set(xlabel="epoch", xticks=epochs, title=metric.replace("acc", "accuracy"))
         axis.legend(fontsize=8)
     curves.suptitle(f"run {run.dir.name}")
