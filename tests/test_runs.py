@@ -82,20 +82,28 @@ def test_early_stopping_stops_and_the_best_epochs_weights_are_tested(
     assert not all(torch.equal(saved[3][k], saved[1][k]) for k in saved[1])
 
 
-def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named_and_not_drawn(
-    with_matplotlib, tmp_path, capsys, monkeypatch
-):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
-    args = ["--dry-run", "--freeze-until", "layer4", "--unfreeze-schedule", "3:layer3"]
-    args += ["--patience", "1", "--min-delta", "10", "--epochs", "4", "--output-dir", tmp_path]
-    code, out, err = run(capsys, *args)
+# Layer3 is to be released at epoch 3, but early stopping ends the run after epoch 2.
+PREVENTED = ["--dry-run", "--freeze-until", "layer4", "--unfreeze-schedule", "3:layer3"]
+PREVENTED += ["--patience", "1", "--min-delta", "10", "--epochs", "4"]
+
+
+def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, capsys):
+    code, out, err = run(capsys, *PREVENTED, "--output-dir", tmp_path)
     assert code == 0, err
     assert (
         "by at least 10 since then (PATIENCE = 1); the scheduled unfreezing 3:layer3 did not" in out
     )
     assert "\nunfreezing" not in out
-    loss, acc = drawn["curves.png"].axes
+
+
+def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(
+    with_matplotlib, tmp_path, capsys, monkeypatch
+):
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    code, out, err = run(capsys, *PREVENTED, "--output-dir", tmp_path)
+    assert code == 0, err
+    loss, accuracy = drawn["curves.png"].axes
     assert loss.get_legend_handles_labels()[1] == ["train", "validation", "best epoch"]
     assert loss.get_xlim()[1] < 2.5  # two epochs ran: nothing drawn at 2.5, where 3 would start
 
