@@ -719,7 +719,9 @@ def settings_parser():
         ),
         "WEIGHTS": weights_setting,
         "FREEZE_UNTIL": one_of("none", *BLOCKS[:-1]),
-        "UNFREEZE_SCHEDULE": checked(schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs"),
+        "UNFREEZE_SCHEDULE": checked(
+            schedule, lambda plan: True, "none, or EPOCH:BLOCK pairs such as 5:layer2,10:layer1"
+        ),
         "FROZEN_BN": one_of("eval", "train"),
         "BATCH_SIZE": checked(int, lambda n: n >= 2, whole + "2 (BatchNorm needs 2 images)"),
         "EPOCHS": checked(int, lambda n: n >= 1, whole + "1"),

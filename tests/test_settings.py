@@ -54,7 +54,11 @@ BAD_FLAGS = [  # a flag, and what the one line says
         "BATCH_SIZE (--batch-size): '1' is not allowed: expected a whole number >= 2",
     ),
     ("--image-size big", "IMAGE_SIZE (--image-size): 'big' is not allowed: expected auto or 1 "),
-    ("--unfreeze-schedule 5:layer9", "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9' is not"),
+    (
+        "--unfreeze-schedule 5:layer9",
+        "(--unfreeze-schedule): '5:layer9' is not allowed: expected none, or EPOCH:BLOCK pairs such"
+        " as 5:layer2,10:layer1",
+    ),
     (
         "--weights imagenet",
         "WEIGHTS (--weights): 'imagenet' is not allowed: expected IMAGENET1K_V1",
