@@ -103,9 +103,9 @@ def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(
     monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
     code, out, err = run(capsys, *PREVENTED, "--output-dir", tmp_path)
     assert code == 0, err
-    loss, accuracy = drawn["curves.png"].axes
-    assert loss.get_legend_handles_labels()[1] == ["train", "validation", "best epoch"]
-    assert loss.get_xlim()[1] < 2.5  # two epochs ran: nothing drawn at 2.5, where 3 would start
+    for axis in drawn["curves.png"].axes:  # loss, accuracy
+        assert axis.get_legend_handles_labels()[1] == ["train", "validation", "best epoch"]
+        assert axis.get_xlim()[1] < 2.5  # two epochs ran: nothing drawn at 2.5, where 3 starts
 
 
 def comparison(out):

@@ -56,8 +56,8 @@ BAD_FLAGS = [  # a flag, and what the one line says
     ("--image-size big", "IMAGE_SIZE (--image-size): 'big' is not allowed: expected auto or 1 "),
     (
         "--unfreeze-schedule 5:layer9",
-        "(--unfreeze-schedule): '5:layer9' is not allowed: expected none, or EPOCH:BLOCK pairs such"
-        " as 5:layer2,10:layer1",
+        "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer9' is not allowed: expected none, or"
+        " EPOCH:BLOCK pairs such as 5:layer2,10:layer1",
     ),
     (
         "--weights imagenet",
