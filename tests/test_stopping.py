@@ -247,7 +247,8 @@ def test_a_folder_run_resumes_from_where_its_folder_moved(tmp_path, capsys, monk
     photos.rename(tmp_path / "moved")
     code, _, err = run(capsys, "--resume", run_dir)
     moved = ft.command("--resume", run_dir, "--dataset", "FOLDER")  # its new place
-    assert code == 2 and err.endswith(f"there is no folder {photos}. Moved? {moved}\n"), err
+    line = f"DATASET (--dataset): there is no folder {photos}. Moved? {moved}\n"
+    assert code == 2 and err.endswith(line), err
     code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
 
