@@ -955,7 +955,10 @@ def read_folder(cfg):
     folders alone: checked, then read by load_image_folder()."""
     root = Path(cfg.dataset)
     if not root.is_dir():  # a resumed run's, moved since (a new run's is checked by its flag)
-        moved = command("--resume", cfg.resume, "--dataset", "FOLDER")
+        words = ["--resume", cfg.resume, "--dataset", "FOLDER"]
+        if cfg.epochs != cfg.checkpoint["settings"]["EPOCHS"]:
+            words += ["--epochs", cfg.epochs]  # or, pasted, the run would end at its own EPOCHS
+        moved = command(*words)
         raise SettingError(f"DATASET (--dataset): there is no folder {root}. Moved? {moved}")
     train_root, test_root = split_folders(root)
     listing = list_images(train_root)

@@ -249,6 +249,9 @@ def test_a_folder_run_resumes_from_where_its_folder_moved(tmp_path, capsys, monk
     moved = ft.command("--resume", run_dir, "--dataset", "FOLDER")  # its new place
     line = f"DATASET (--dataset): there is no folder {photos}. Moved? {moved}\n"
     assert code == 2 and err.endswith(line), err
+    code, _, err = run(capsys, "--resume", run_dir, "--epochs", "3")  # a longer run, elsewhere
+    longer = ft.command("--resume", run_dir, "--dataset", "FOLDER", "--epochs", 3)  # kept
+    assert code == 2 and err.endswith(f"Moved? {longer}\n"), err
     code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
 
