@@ -761,6 +761,7 @@ def parse_settings(argv=None):
         if torch.cuda.is_available() and not PASTED:  # spawned workers cannot import a cell
             cfg.num_workers = 2
     cfg.checkpoint = None
+    cfg.epochs_flag = []  # ["--epochs", N] where a resume asks for another EPOCHS than last.pt's
     if cfg.resume:
         read_saved_settings(cfg, given)
     elif cfg.dry_run and "--epochs" not in given:
@@ -797,6 +798,8 @@ def read_saved_settings(cfg, given):
         cfg.output_dir = cfg.resume.parent  # summary.csv beside the run folder, wherever it is
     if "--epochs" in given and cfg.epochs <= state["epoch"]:
         raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
+    if cfg.epochs != state["settings"]["EPOCHS"]:  # resume commands repeat it: resume_command()
+        cfg.epochs_flag = ["--epochs", cfg.epochs]
     cfg.dry_run = state["dry_run"]
     cfg.checkpoint = state
 
@@ -955,10 +958,7 @@ def read_folder(cfg):
     folders alone: checked, then read by load_image_folder()."""
     root = Path(cfg.dataset)
     if not root.is_dir():  # a resumed run's, moved since (a new run's is checked by its flag)
-        words = ["--resume", cfg.resume, "--dataset", "FOLDER"]
-        if cfg.epochs != cfg.checkpoint["settings"]["EPOCHS"]:
-            words += ["--epochs", cfg.epochs]  # or, pasted, the run would end at its own EPOCHS
-        moved = command(*words)
+        moved = command("--resume", cfg.resume, "--dataset", "FOLDER", *cfg.epochs_flag)
         raise SettingError(f"DATASET (--dataset): there is no folder {root}. Moved? {moved}")
     train_root, test_root = split_folders(root)
     listing = list_images(train_root)
@@ -1299,11 +1299,21 @@ def files_in(folder):
     return f"{folder}: {' '.join(names)}"
 
 
+def resume_command(run, *more):
+    """The command that goes on with a run from its last.pt. A resume that asked for another
+    EPOCHS repeats it while epochs remain: until an epoch of this process completes, last.pt holds
+    the old one, and a pasted `--resume RUN` alone would train to that."""
+    words = ["--resume", run.dir, *more]
+    if len(run.history) < run.cfg.epochs:  # epochs remain (the history has a row for each done)
+        words += run.cfg.epochs_flag
+    return command(*words)
+
+
 def next_step():
     """What a stop keeps, and the command that goes on from it."""
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
-        return f"\nkept in {files_in(run.dir)}\nresume with: {command('--resume', run.dir)}"
+        return f"\nkept in {files_in(run.dir)}\nresume with: {resume_command(run)}"
     return "\nno epoch was completed and saved, so nothing to resume: run the same command again."
 
 
@@ -1349,7 +1359,7 @@ def write_error(path, error):
     then = "then run the same command again"
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
-        then = f"then resume: {command('--resume', run.dir)}"
+        then = f"then resume: {resume_command(run)}"
     cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
     action = "fix that"
     if error.errno in DISK_FULL:
@@ -1666,7 +1676,7 @@ def worker_died(error):
         return 128 + signal.SIGTERM
     then = "Try --num-workers 0"
     if active.run is not None and (active.run.dir / "last.pt").exists():
-        then = f"Go on without workers: {command('--resume', active.run.dir, '--num-workers', 0)}"
+        then = f"Go on without workers: {resume_command(active.run, '--num-workers', 0)}"
     worker = str(error).splitlines()[0]
     return fail(
         f"error: a DataLoader worker died ({worker}), perhaps for lack of memory. {then}", 1
