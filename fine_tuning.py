@@ -1312,7 +1312,9 @@ def resume_command(run, *more):
 def next_step():
     """What a stop keeps, and the command that goes on from it."""
     run = active.run
-    if run is not None and (run.dir / "last.pt").exists():
+    if run is None:  # in the settings, the data or the model: a resumed run's folder is as it was
+        return "\nstopped before training began: run the same command again."
+    if (run.dir / "last.pt").exists():
         return f"\nkept in {files_in(run.dir)}\nresume with: {resume_command(run)}"
     return "\nno epoch was completed and saved, so nothing to resume: run the same command again."
 

@@ -309,6 +309,23 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_behind(tmp_path, capsys, monke
     assert not (tmp_path / "early").exists()
 
 
+def test_ctrl_c_before_a_resume_trains_leaves_its_run_as_it_was(tmp_path, capsys, monkeypatch):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    saved = (run_dir / "last.pt").read_bytes()
+
+    def reading_a_folder(cfg):  # photos take a while to read: a learner may change their mind
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "load_data", reading_a_folder)
+        code, out, err = run(capsys, "--resume", run_dir)
+    assert code == 130 and not err, err
+    assert out.endswith("\nstopped before training began: run the same command again.\n")
+    assert (run_dir / "last.pt").read_bytes() == saved
+    code, out, err = run(capsys, "--resume", run_dir)  # the same command, again
+    assert code == 0 and "resuming" in out, err
+
+
 def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, monkeypatch):
     # layer3 joins at epoch 1: last.pt of epoch 1 holds Adam's state for its parameter group.
     schedule = ["--freeze-until", "layer3", "--unfreeze-schedule", "1:layer3"]
