@@ -761,7 +761,7 @@ def parse_settings(argv=None):
         if torch.cuda.is_available() and not PASTED:  # spawned workers cannot import a cell
             cfg.num_workers = 2
     cfg.checkpoint = None
-    cfg.epochs_flag = []  # ["--epochs", N] where a resume asks for another EPOCHS than last.pt's
+    cfg.resume_flags = []  # the settings a resume gives anew, as flags: ["--epochs", 20, ...]
     if cfg.resume:
         read_saved_settings(cfg, given)
     elif cfg.dry_run and "--epochs" not in given:
@@ -798,8 +798,10 @@ def read_saved_settings(cfg, given):
         cfg.output_dir = cfg.resume.parent  # summary.csv beside the run folder, wherever it is
     if "--epochs" in given and cfg.epochs <= state["epoch"]:
         raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
-    if cfg.epochs != state["settings"]["EPOCHS"]:  # resume commands repeat it: resume_command()
-        cfg.epochs_flag = ["--epochs", cfg.epochs]
+    for name in ("EPOCHS", "DATASET", "DATA_DIR"):  # resume commands repeat them: resume_command()
+        value = getattr(cfg, name.lower())
+        if str(value) != str(state["settings"][name]):
+            cfg.resume_flags += [flag(name), value]
     cfg.dry_run = state["dry_run"]
     cfg.checkpoint = state
 
@@ -958,7 +960,7 @@ def read_folder(cfg):
     folders alone: checked, then read by load_image_folder()."""
     root = Path(cfg.dataset)
     if not root.is_dir():  # a resumed run's, moved since (a new run's is checked by its flag)
-        moved = command("--resume", cfg.resume, "--dataset", "FOLDER", *cfg.epochs_flag)
+        moved = command("--resume", cfg.resume, "--dataset", "FOLDER", *cfg.resume_flags)
         raise SettingError(f"DATASET (--dataset): there is no folder {root}. Moved? {moved}")
     train_root, test_root = split_folders(root)
     listing = list_images(train_root)
@@ -1300,12 +1302,13 @@ def files_in(folder):
 
 
 def resume_command(run, *more):
-    """The command that goes on with a run from its last.pt. A resume that asked for another
-    EPOCHS repeats it while epochs remain: until an epoch of this process completes, last.pt holds
-    the old one, and a pasted `--resume RUN` alone would train to that."""
+    """The command that goes on with a run from its last.pt. A resume given a new EPOCHS, DATASET
+    or DATA_DIR repeats them while epochs remain: until an epoch of this process completes, last.pt
+    holds the old ones, and a pasted `--resume RUN` alone would train to the old EPOCHS, or look
+    for the data where it was."""
     words = ["--resume", run.dir, *more]
     if len(run.history) < run.cfg.epochs:  # epochs remain (the history has a row for each done)
-        words += run.cfg.epochs_flag
+        words += run.cfg.resume_flags
     return command(*words)
 
 

@@ -191,20 +191,24 @@ def test_resume_goes_on_with_the_saved_settings_and_epochs_trains_on(tmp_path, c
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
 
 
-def test_a_resume_for_more_epochs_stopped_in_its_first_repeats_them_in_its_command(
+def test_a_resume_given_new_settings_stopped_in_its_first_epoch_repeats_them_in_its_command(
     tmp_path, capsys, monkeypatch
 ):
-    # On a laptop after Colab: resumed to train on, stopped in its first epoch (the CPU is slow).
+    # On a laptop after Colab, its data elsewhere: resumed to train on, stopped in its first epoch
+    # (the CPU is slow).
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    data = tmp_path / "datasets"
     with monkeypatch.context() as patch:
         ctrl_c_at_batch(patch, 1)
-        code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
+        code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3", "--data-dir", data)
     assert code == 130 and "stopped: interrupted (Ctrl-C)" in out, err
     last_line = out.splitlines()[-1]
-    assert last_line == f"resume with: {ft.command('--resume', run_dir, '--epochs', 3)}"
+    go_on = ft.command("--resume", run_dir, "--epochs", 3, "--data-dir", data)
+    assert last_line == f"resume with: {go_on}"
     assert load_state(run_dir / "last.pt")["settings"]["EPOCHS"] == 2  # the old one, still
-    code, out, err = run(capsys, *shlex.split(last_line.split(": ", 1)[1])[2:])  # as pasted
+    code, out, err = run(capsys, *shlex.split(go_on)[2:])  # as pasted
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 3)" in out, err
+    assert json.loads((run_dir / "config.json").read_text())["settings"]["DATA_DIR"] == str(data)
 
 
 def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
