@@ -754,6 +754,8 @@ def parse_settings(argv=None):
         known = [flag(name) for name in SETTINGS] + ["--dry-run", "--run-name", "--resume"]
         nearest = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
         hint = f": did you mean {nearest[0]}?" if nearest else ""
+        if folder(unknown[0]).is_dir():  # python fine_tuning.py my_photos
+            hint = f": a folder is given with --dataset: {command('--dataset', unknown[0])}"
         raise SettingError(f"unrecognized argument {unknown[0]}{hint} (--help lists them all)")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     if cfg.num_workers == "auto":  # resolved at each start: a resume elsewhere gets its own

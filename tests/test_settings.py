@@ -4,6 +4,7 @@ mistyped flag gets the nearest one."""
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 
@@ -111,6 +112,18 @@ def test_a_mistyped_flag_gets_one_line_with_the_nearest_flag(typed, meant, tmp_p
         assert f": did you mean {meant}? (--help lists them all)" in err
     else:
         assert "did you mean" not in err
+
+
+def test_a_folder_given_without_its_flag_is_taken_for_the_dataset_flag(tmp_path, capsys):
+    photos = tmp_path / "my photos"
+    photos.mkdir()
+    code, out, err = run(capsys, photos, "--output-dir", tmp_path)
+    assert code == 2 and len(err.splitlines()) == 1
+    paste = ft.command("--dataset", photos)  # 'my photos' quoted for the shell
+    assert shlex.split(paste)[1:] == ["fine_tuning.py", "--dataset", str(photos)]
+    message = f"unrecognized argument {photos}: a folder is given with --dataset: {paste} (--help"
+    assert err.startswith(f"fine_tuning.py: error: {message}")
+    assert list(tmp_path.iterdir()) == [photos]  # no run folder
 
 
 @pytest.mark.parametrize(
