@@ -106,12 +106,26 @@ def test_with_train_valid_and_test_the_test_set_is_test_and_valid_is_named_as_un
     for folder in (root / "test").iterdir():
         if folder.is_dir():
             shutil.rmtree(folder)
-    (root / "test" / ".ipynb_checkpoints").mkdir()  # Jupyter's, hidden: no class folder either
+    for split in ("train", "test"):  # Jupyter's, hidden: no class folder either
+        (root / split / ".ipynb_checkpoints").mkdir()
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
     assert code == 0, err
     assert "note: test/ not used: its images are in no class folder, so unlabelled\n" in out
     assert "data: 21 train / 3 validation / 6 test (valid/) images" in out
     assert "valid/ not used" not in out
+
+
+def test_split_folders_whose_folders_are_no_classes_of_train_are_named_as_unused(tmp_path, capsys):
+    root = tmp_path / "tiny-imagenet-200"  # Tiny ImageNet: val/images/ and test/images/
+    write_image_folder(root / "train", ("n01443537", "n01629819", "n01641577"), per_class=10)
+    for split in ("val", "test"):
+        write_image_folder(root / split, ("images",), per_class=3)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01443537\n")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "note: val/ not used: its images are in no class folder, so unlabelled\n" in out
+    assert "note: test/ not used: its images are in no class folder, so unlabelled\n" in out
+    assert "data: 24 train / 3 validation / 3 test (held out) images, 3 classes" in out
 
 
 def test_the_split_folders_are_found_in_any_case(tmp_path, capsys):
