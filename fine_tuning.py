@@ -993,8 +993,9 @@ def read_folder(cfg):
 def split_folders(root):
     """(training folder, test folder): root's train/ and test/ (or else val/, valid/, validation/),
     in any case, as Fruits 360's Training/ and Test/; or (root, None), for class folders alone.
-    A test/ without a folder named as a class of train/ has no labels, as a competition's (the
-    images to predict) or Tiny ImageNet's test/images/: a note says it is not used."""
+    A test/ of images alone, as a competition's (the images to predict), or in one folder that is
+    no class of train/, as Tiny ImageNet's test/images/, has no labels: a note says it is not
+    used."""
     held_out = ("val", "valid", "validation", "test", "testing")  # the last one found is the test
     subfolders = {path.name.lower(): path for path in sorted(root.iterdir()) if path.is_dir()}
     train_root = subfolders.get("train", subfolders.get("training"))
@@ -1007,14 +1008,13 @@ def split_folders(root):
                 " them train/ and test/, each with a folder per class (README, Your own images)"
             )
         return root, None
-    classes = [path.name for path in train_root.iterdir() if path.is_dir()]
-    classes = {name for name in classes if not is_hidden(name)}  # as ImageFolder() finds them
     splits = []
     for name in held_out:
         if name not in subfolders:
             continue
         split = subfolders[name]
-        if any(entry.is_dir() and entry.name in classes for entry in split.iterdir()):
+        folders = [path for path in split.iterdir() if path.is_dir() and not is_hidden(path.name)]
+        if len(folders) > 1 or any((train_root / path.name).is_dir() for path in folders):
             splits.append(split)
         else:
             print(f"note: {split.name}/ not used: its images are in no class folder, so unlabelled")

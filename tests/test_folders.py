@@ -222,6 +222,9 @@ def broken(tmp_path, kind):
     elif kind == "other test classes":
         write_image_folder(root / "train", ["cats", "dogs"])
         write_image_folder(root / "test", ["cats", "horses"], per_class=2)
+    elif kind == "test classes named otherwise":  # not one in common, yet class folders
+        write_image_folder(root / "train", ["cats", "dogs"])
+        write_image_folder(root / "test", ["Katzen", "Hunde"], per_class=2)
     return root
 
 
@@ -235,6 +238,8 @@ def broken(tmp_path, kind):
      ("an empty class", "Found no valid file for the classes birds. (image files: .jpg .jpeg"),
      ("other test classes", "the class folders of {root}/test (cats, horses) must be those of"
       " train/ (cats, dogs)"),
+     ("test classes named otherwise", "the class folders of {root}/test (Hunde, Katzen) must be"
+      " those of train/ (cats, dogs)"),
      ("splits by other names", "{root} holds seg_test, seg_train: splits, not classes? Name them"
       " train/ and test/, each with a folder per class"),
      ("a test split beside the classes", "{root} holds test: splits, not classes?")],
