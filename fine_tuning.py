@@ -634,8 +634,11 @@ def folder(text):
 def dataset_setting(text):
     if text.upper() == "CIFAR10":
         return "CIFAR10"
-    if not folder(text).is_dir():
-        raise argparse.ArgumentTypeError(f"'{text}' is not allowed: expected CIFAR10 or a folder")
+    if not folder(text).is_dir():  # relative to the working folder, which may not be the photos'
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not allowed: expected CIFAR10 or a folder, and there is no folder"
+            f" {folder(text).absolute()}"
+        )
     return str(folder(text))  # as given: a relative path moves with its project
 
 

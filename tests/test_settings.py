@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,17 @@ def test_a_folder_given_without_its_flag_is_taken_for_the_dataset_flag(tmp_path,
     message = f"unrecognized argument {photos}: a folder is given with --dataset: {paste} (--help"
     assert err.startswith(f"fine_tuning.py: error: {message}")
     assert list(tmp_path.iterdir()) == [photos]  # no run folder
+
+
+def test_a_folder_that_is_not_there_is_named_as_looked_for(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a learner in another folder than their photos' (Colab's /content)
+    code, out, err = run(capsys, "--dataset", "my_photos")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err == (
+        "fine_tuning.py: error: DATASET (--dataset): 'my_photos' is not allowed: expected CIFAR10"
+        f" or a folder, and there is no folder {Path.cwd() / 'my_photos'}\n"
+    )
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
