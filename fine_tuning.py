@@ -634,12 +634,13 @@ def folder(text):
 def dataset_setting(text):
     if text.upper() == "CIFAR10":
         return "CIFAR10"
-    if not folder(text).is_dir():  # relative to the working folder, which may not be the photos'
+    path = folder(text)  # relative to the working folder, which may not be the photos'
+    if not path.is_dir():
         raise argparse.ArgumentTypeError(
             f"'{text}' is not allowed: expected CIFAR10 or a folder, and there is no folder"
-            f" {folder(text).absolute()}"
+            f" {path.absolute()}"
         )
-    return str(folder(text))  # as given: a relative path moves with its project
+    return str(path)  # as given: a relative path moves with its project
 
 
 def schedule(text):
