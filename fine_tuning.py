@@ -969,6 +969,13 @@ def read_folder(cfg):
         moved = command("--resume", cfg.resume, "--dataset", "FOLDER", *cfg.resume_flags)
         raise SettingError(f"DATASET (--dataset): there is no folder {root}. Moved? {moved}")
     train_root, test_root = split_folders(root)
+    for split in (train_root, test_root):  # python fine_tuning.py --dataset . beside the classes
+        if split is not None and cfg.output_dir.resolve().is_relative_to(split.resolve()):
+            raise SettingError(
+                f"OUTPUT_DIR (--output-dir): {cfg.output_dir} is inside {split.absolute()}, whose"
+                " folders are the classes: the next run would take it for one. Give a folder"
+                f" outside it, such as {split.absolute().parent / 'runs'}"
+            )
     listing = list_images(train_root)
     cfg.classes = listing.classes
     count = len(listing)

@@ -287,3 +287,22 @@ def test_a_folder_too_large_for_memory_says_how_large_and_what_to_change(
 def test_cifar10_stays_the_default_and_its_name_is_read_in_any_case():
     assert ft.parse_settings(["--dry-run"]).dataset == "CIFAR10"
     assert ft.parse_settings(["--dataset", "cifar10", "--dry-run"]).dataset == "CIFAR10"
+
+
+def test_runs_are_not_written_among_the_classes_they_would_join(tmp_path, capsys, monkeypatch):
+    # The script beside the class folders, run there: `python fine_tuning.py --dataset .` would
+    # write ./runs, which the next run would read as a class "runs", of a run's pictures
+    photos = write_image_folder(tmp_path / "photos")
+    monkeypatch.chdir(photos)
+    code, out, err = run(capsys, "--dataset", ".", "--batch-size", "8", "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == (
+        f"fine_tuning.py: error: OUTPUT_DIR (--output-dir): runs is inside {photos}, whose folders"
+        " are the classes: the next run would take it for one. Give a folder outside it, such as"
+        f" {tmp_path / 'runs'}\n"
+    )
+    assert not (photos / "runs").exists()
+    given = ["--dataset", ".", "--batch-size", "8", "--dry-run", "--output-dir", tmp_path / "runs"]
+    code, out, err = run(capsys, *given)
+    assert code == 0, err
+    assert "data: 18 train / 3 validation / 3 test (held out) images, 3 classes" in out
