@@ -1039,6 +1039,7 @@ def split_folders(root):
 
 def list_images(folder, classes=None):
     """ImageFolder's listing (no image is read yet), or one line on what is wrong with it."""
+    note_unused_files(folder)  # first: a class of .heic photos alone is an error below
     try:
         listing = ImageFolder(folder, loader=open_rgb, is_valid_file=is_image_file)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
@@ -1056,7 +1057,6 @@ def list_images(folder, classes=None):
             f"DATASET (--dataset): the class folders of {folder} ({', '.join(listing.classes)})"
             f" must be those of train/ ({', '.join(classes)})"
         )
-    note_unused_files(folder)
     return listing
 
 

@@ -188,6 +188,18 @@ def test_the_files_that_are_no_image_by_their_extension_are_named_in_a_note(tmp_
     assert "3 .txt, 1 README\n" in out and "data: 18 train / 3 validation / 3 test" in out
 
 
+def test_a_class_of_iphone_photos_alone_is_refused_with_the_note_naming_them(tmp_path, capsys):
+    # ImageFolder's error names the extensions it reads, not the files the class folder holds.
+    root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
+    shutil.rmtree(root / "cats")
+    (root / "cats").mkdir()
+    for i in range(3):
+        (root / "cats" / f"IMG_000{i}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 2 and "Found no valid file for the classes cats." in err
+    assert f"note: {root}: not used, not images by their extension: 3 .heic" in out
+
+
 def test_the_inputs_picture_shows_a_folders_classes(with_matplotlib, tmp_path, capsys, monkeypatch):
     root = write_image_folder(tmp_path / "photos")
     drawn = []
