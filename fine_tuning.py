@@ -15,7 +15,7 @@ evaluation, early stopping, and main(), the story of a run. Below the banner is 
 
 # === Settings: the one place to edit. Each is also a flag: EPOCHS -> --epochs 3 ===================
 # data
-DATASET = "CIFAR10"  # or the path of a folder of your images, a subfolder per class (see README)
+DATASET = "CIFAR10"  # or a folder of your images, a subfolder per class (README): r"C:\photos"
 DATA_DIR = "./data"  # CIFAR-10 (about 170 MB) is downloaded here on the first run
 SEED = 0  # fixes the new head's first weights, the shuffle and the augmentation (not the split)
 VAL_FRACTION = 0.1  # of each class's training images: CIFAR-10's 50,000 -> 45,000 + 5,000
