@@ -1375,17 +1375,20 @@ def written(path):
 
 
 def write_error(path, error):
-    """One line: the file not written, and the command that goes on once the cause is gone."""
+    """One line: the file not written, what is kept, and the command that goes on once the cause
+    is gone."""
+    kept = "No epoch was saved"  # and the new run's folder is removed: remove_unfinished_folder()
     then = "then run the same command again"
     run = active.run
     if run is not None and (run.dir / "last.pt").exists():
+        kept = "The files of the last completed epoch are intact"
         then = f"then resume: {resume_command(run)}"
     cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
     action = "fix that"
     if error.errno in DISK_FULL:
         cause = f"the disk is full: could not write {path}"
         action = "free some space"
-    return RunError(f"{cause}. The files of the last completed epoch are intact: {action}, {then}")
+    return RunError(f"{cause}. {kept}: {action}, {then}")
 
 
 def csv_text(columns, rows, dialect="excel", header=True):

@@ -154,7 +154,12 @@ def test_a_full_disk_in_the_first_epoch_leaves_no_run_folder(tmp_path, capsys, m
 
     monkeypatch.setattr(ft, "open", full, raising=False)
     code, out, err = run(capsys, *dry(tmp_path, "--run-name", "nothing"))
-    assert code == 1 and "the disk is full" in err and "then run the same command again" in err
+    config = tmp_path / "nothing" / "config.json"  # the first file a run writes
+    assert code == 1
+    assert err == (
+        f"error: the disk is full: could not write {config}. No epoch was saved: free some space,"
+        " then run the same command again\n"
+    )  # not "the files of the last completed epoch are intact": there are none
     assert not (tmp_path / "nothing").exists()
 
 
