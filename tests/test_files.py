@@ -28,7 +28,9 @@ class FillsUp(io.FileIO):
     room = 1000
 
     def write(self, data):
-        written = super().write(bytes(data)[: self.room])
+        data = bytes(data)  # not the caller's view: a traceback keeps this frame, and the view in
+        # it would pin torch.save's buffer (Python 3.12+: "BufferError" as the garbage is collected)
+        written = super().write(data[: self.room])
         if written < len(data):
             self.stop()
         return written
