@@ -288,3 +288,28 @@ def test_a_summary_csv_emptied_to_its_header_gets_no_second_header(tmp_path):
     (tmp_path / "summary.csv").write_text("run;DATASET;best_val_acc\n")  # rows deleted by hand
     assert [row["run"] for row in ft.add_to_summary(tmp_path, finished("new"))] == ["new"]
     assert (tmp_path / "summary.csv").read_text() == "run;DATASET;best_val_acc\nnew;CIFAR10;0.5\n"
+
+
+def test_an_empty_summary_csv_gets_a_header_and_the_row_not_a_move_aside(tmp_path, capsys):
+    (tmp_path / "summary.csv").write_bytes(b"")  # made empty by hand, or by another program
+    assert [row["run"] for row in ft.add_to_summary(tmp_path, finished("new"))] == ["new"]
+    assert (tmp_path / "summary.csv").read_text() == "run,DATASET,best_val_acc\nnew,CIFAR10,0.5\n"
+    assert capsys.readouterr().out == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["summary.csv"]
+
+
+def test_the_runs_table_reads_a_spreadsheets_figures_and_marks_a_cleared_one(capsys):
+    settings = {name: ft.constant_text(name) for name in ft.SETTINGS}
+    old = dict(settings, run="old", best_val_acc="85,3%", test_acc="")  # the test accuracy cleared
+    old.update(epochs_run="3", minutes="1,5")  # a decimal comma
+    new = dict(settings, run="new", best_val_acc="0.9", test_acc="0.88", epochs_run="2")
+    new.update(minutes="1.0", val_images="5000")
+    ft.print_runs([old, new])
+    table, comparison = capsys.readouterr().out.strip().split("\n\n")
+    comparison = " ".join(comparison.split())  # as one line, however it wraps
+    table = table.splitlines()
+    assert table[0].startswith("the last 2 of 2 runs in summary.csv (val acc: the best epoch's")
+    assert table[2].split() == ["85.3%", "?", "3", "1,5", "old:", "the", "same", "settings"]
+    assert table[3].split() == ["90.0%", "88.0%", "2", "1.0", "new:", "this", "run"]
+    assert comparison.startswith("vs old (the same settings): validation accuracy of the best")
+    assert "epoch +4.7 points, 0.7x the minutes." in comparison  # 90.0 - 85.3; 1.0 / 1.5

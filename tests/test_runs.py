@@ -108,6 +108,22 @@ def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(
         assert axis.get_xlim()[1] < 2.5  # two epochs ran: nothing drawn at 2.5, where 3 starts
 
 
+def test_the_curves_mark_where_a_scheduled_unfreezing_happened(
+    with_matplotlib, tmp_path, capsys, monkeypatch
+):
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    args = ["--dry-run", "--freeze-until", "layer4", "--unfreeze-schedule", "2:layer3"]
+    code, out, err = run(capsys, *args, "--epochs", "2", "--output-dir", tmp_path)
+    assert code == 0, err
+    assert "\nunfreezing layer3, layer4" in out
+    for axis in drawn["curves.png"].axes:  # loss, accuracy
+        labels = axis.get_legend_handles_labels()[1]
+        assert labels == ["train", "validation", "best epoch", "unfreeze layer3"]
+        marks = [line.get_xdata() for line in axis.get_lines() if line.get_linestyle() == "--"]
+        assert marks == [[1.5, 1.5]]  # between epoch 1 and epoch 2, where layer3 joined
+
+
 def comparison(out):
     return " ".join(out[out.index("\nvs ") :].split("\n\n")[0].split())
 
