@@ -325,6 +325,41 @@ def test_the_training_step_and_evaluation_copy_into_a_project_with_another_model
     assert torch.allclose(model_input(as_uint8.float() / 255), expected, atol=1e-6)
 
 
+def test_the_progress_bar_shows_the_mean_loss_so_far_every_25_batches(monkeypatch):
+    # A model whose every loss is ln(4): zero weights that a learning rate of 0 keeps at zero.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    loader = DataLoader(TensorDataset(torch.rand(120, 3, 8, 8), torch.arange(120) % 4), 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    served = []  # each batch the loop took
+    shown = []  # (batches taken, the figures) for each update of the bar
+    progress_bar = ft.progress_bar
+
+    def counted(iterable):
+        for batch in iterable:
+            served.append(batch)
+            yield batch
+
+    def recording(iterable, desc):
+        bar = progress_bar(counted(iterable), desc)
+        set_postfix = bar.set_postfix
+
+        def record(**figures):
+            shown.append((len(served), figures))
+            set_postfix(**figures)
+
+        bar.set_postfix = record
+        return bar
+
+    monkeypatch.setattr(ft, "progress_bar", recording)
+    loss, _ = ft.train_one_epoch(model, loader, optimizer, scaler, torch.nn.Identity())
+    assert loss == pytest.approx(math.log(4)) and len(served) == 60
+    shown_at = {"loss": "1.386", "refresh": False}  # refresh: drawn at tqdm's next interval
+    assert shown == [(25, shown_at), (50, shown_at)]
+
+
 # --- Early stopping -------------------------------------------------------------------------------
 def test_early_stopping_stops_after_patience_epochs_without_an_improvement_of_min_delta():
     stopper = ft.EarlyStopping(patience=2, min_delta=0.01)
