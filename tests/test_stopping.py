@@ -153,6 +153,27 @@ def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_with
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 3)" in out, err
 
 
+def test_workers_ended_by_sigterm_to_the_process_group_stop_the_run_as_sigterm(
+    tmp_path, capsys, monkeypatch
+):
+    # A scheduler's SIGTERM to every process of the job (Slurm's scancel, `kill -TERM -- -PGID`)
+    # may end the workers before the script's own handler runs: torch then reports the workers.
+    train_one_epoch = ft.train_one_epoch
+    epochs = []
+
+    def terminated_in_epoch_2(*args):
+        epochs.append(len(epochs) + 1)
+        if len(epochs) == 2:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+        return train_one_epoch(*args)
+
+    monkeypatch.setattr(ft, "train_one_epoch", terminated_in_epoch_2)
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "scancel")
+    assert code == 143 and not err, out + err
+    assert out.endswith(f"resume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'scancel'}\n")
+    assert load_state(tmp_path / "scancel" / "last.pt")["epoch"] == 1
+
+
 def stop_after_epoch(monkeypatch, epoch):
     """Ctrl-C right after `epoch` is logged, before its last.pt is written."""
     log_epoch = ft.Run.log_epoch
