@@ -3,6 +3,7 @@ keeps and prints, early stopping, each run read against the right one, divergenc
 pictures, and the README's code for a fine-tuned model, on a machine without the run's GPU."""
 
 import csv
+import errno
 import json
 import re
 
@@ -237,6 +238,25 @@ def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch):
     assert code == 1 and err == (
         "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size\n"
     )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(errno.EACCES, "Permission denied", "/somewhere/else"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x512 and 256x10)"),
+    ],
+)
+def test_an_error_the_script_does_not_know_keeps_its_traceback(error, tmp_path, monkeypatch):
+    # Not a full disk, not a dead worker: a bug, or a cause only its traceback names.
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ft, "train_one_epoch", failing)
+    with pytest.raises(type(error)) as raised:
+        ft.cli(["--dry-run", "--output-dir", tmp_path, "--run-name", "bug"])
+    assert raised.value is error
+    assert not (tmp_path / "bug").exists()  # no epoch completed: the new run's folder is gone
 
 
 def test_progress_is_a_live_bar_on_a_terminal_and_a_line_every_30_s_elsewhere(monkeypatch):
