@@ -370,6 +370,30 @@ def test_a_run_stopped_after_an_unfreezing_resumes_exactly(tmp_path, capsys, mon
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
+def test_a_float16_run_resumes_with_its_gradient_scalers_state(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    # A T4's choice (float16 with the scaler), made on the CPU, which runs both as a GPU would.
+    monkeypatch.setattr(ft, "choose_device", lambda: (torch.device("cpu"), torch.float16))
+    fast = ["--freeze-until", "layer4"]  # the head alone: float16's backward is slow on a CPU
+    args = tiny(real_files, tmp_path, *fast, "--patience", "5", "--min-delta", "0")
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        code, out, err = run(capsys, *args, "--run-name", "stopped")
+    run_dir = tmp_path / "stopped"
+    assert code == 130, out + err
+    saved = load_state(run_dir / "last.pt")["scaler"]
+    assert saved["scale"] < 2.0**16  # 11 steps from 65,536: an overflow halved it
+    code, out, err = run(capsys, "--resume", run_dir)
+    assert code == 0, err
+    code, out, err = run(capsys, *args, "--run-name", "unbroken")
+    assert code == 0, err
+    resumed_rows, unbroken_rows = history(run_dir), history(tmp_path / "unbroken")
+    for row in resumed_rows + unbroken_rows:
+        del row["seconds"]
+    assert resumed_rows == unbroken_rows and len(resumed_rows) == 2
+
+
 def test_a_run_stopped_early_and_interrupted_in_its_test_resumes_to_the_test(
     tmp_path, capsys, monkeypatch
 ):
