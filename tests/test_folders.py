@@ -296,6 +296,11 @@ def test_a_folder_too_large_for_memory_says_how_large_and_what_to_change(
     ) in err
 
 
+def test_where_the_memory_is_not_known_a_folder_is_not_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ft.os, "sysconf_names", {}, raising=False)  # Windows has no sysconf
+    assert ft.check_memory(10**9, 224, tmp_path) is None  # 150 TB of images: no refusal
+
+
 def test_cifar10_stays_the_default_and_its_name_is_read_in_any_case():
     assert ft.parse_settings(["--dry-run"]).dataset == "CIFAR10"
     assert ft.parse_settings(["--dataset", "cifar10", "--dry-run"]).dataset == "CIFAR10"
