@@ -375,20 +375,28 @@ def test_a_float16_run_resumes_with_its_gradient_scalers_state(
 ):
     # A T4's choice (float16 with the scaler), made on the CPU, which runs both as a GPU would.
     monkeypatch.setattr(ft, "choose_device", lambda: (torch.device("cpu"), torch.float16))
-    fast = ["--freeze-until", "layer4"]  # the head alone: float16's backward is slow on a CPU
+    checkpoint = ft.Run.checkpoint
+    scalers = {}  # (run, epoch): the scaler's state that last.pt saves
+
+    def recording(self, epoch):
+        state = checkpoint(self, epoch)
+        scalers[self.dir.name, epoch] = state["scaler"]
+        return state
+
+    monkeypatch.setattr(ft.Run, "checkpoint", recording)
+    fast = ["--freeze-until", "layer4", "--train-per-class", "3"]  # float16 is slow on a CPU
     args = tiny(real_files, tmp_path, *fast, "--patience", "5", "--min-delta", "0")
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)
         code, out, err = run(capsys, *args, "--run-name", "stopped")
-    run_dir = tmp_path / "stopped"
     assert code == 130, out + err
-    saved = load_state(run_dir / "last.pt")["scaler"]
-    assert saved["scale"] < 2.0**16  # 11 steps from 65,536: an overflow halved it
-    code, out, err = run(capsys, "--resume", run_dir)
+    code, out, err = run(capsys, "--resume", tmp_path / "stopped")
     assert code == 0, err
     code, out, err = run(capsys, *args, "--run-name", "unbroken")
     assert code == 0, err
-    resumed_rows, unbroken_rows = history(run_dir), history(tmp_path / "unbroken")
+    assert scalers["unbroken", 2] != scalers["unbroken", 1]  # its scale or its count of steps
+    assert scalers["stopped", 2] == scalers["unbroken", 2]  # not a new scaler's
+    resumed_rows, unbroken_rows = history(tmp_path / "stopped"), history(tmp_path / "unbroken")
     for row in resumed_rows + unbroken_rows:
         del row["seconds"]
     assert resumed_rows == unbroken_rows and len(resumed_rows) == 2
