@@ -1412,6 +1412,7 @@ def add_to_summary(output_dir, row):
     if text and not text.endswith("\n"):  # a spreadsheet may leave out the last line's end
         added = "\n" + added
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)  # a resume's --output-dir may be new
         with open(path, "a", encoding="utf-8", newline="") as file:
             file.write(added)
     except OSError as error:

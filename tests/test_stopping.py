@@ -253,6 +253,39 @@ def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
     assert json.loads(Path("runs/r/config.json").read_text())["settings"]["DATA_DIR"] == "datasets"
 
 
+def test_a_run_resumed_with_output_dir_adds_its_row_to_that_folders_summary(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    # The run's folder stays where it is; its row joins the runs the learner compares it with.
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        code, out, err = run(capsys, *tiny(real_files, tmp_path / "scratch", "--run-name", "r"))
+    assert code == 130, err
+    run_dir = tmp_path / "scratch" / "r"
+    code, out, err = run(capsys, "--resume", run_dir, "--output-dir", tmp_path / "runs")
+    assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
+    assert not (tmp_path / "scratch" / "summary.csv").exists()
+    with open(tmp_path / "runs" / "summary.csv") as file:
+        assert [row["run"] for row in csv.DictReader(file)] == ["r"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["OUTPUT_DIR"] == str(tmp_path / "runs")
+
+
+def test_a_dataloader_worker_killed_before_an_epoch_completed_says_try_without_workers(
+    tmp_path, capsys, monkeypatch
+):
+    def killed(*args):  # torch's words for a worker the out-of-memory killer ended
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(ft, "train_one_epoch", killed)
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path, "--run-name", "first")
+    assert code == 1 and err == (
+        "error: a DataLoader worker died (DataLoader worker (pid 4242) is killed by signal:"
+        " Killed. ), perhaps for lack of memory. Try --num-workers 0\n"
+    )
+    assert not (tmp_path / "first").exists()  # nothing to resume: the same command again
+
+
 def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys, monkeypatch):
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
     state = load_state(run_dir / "last.pt")
