@@ -313,3 +313,15 @@ def test_the_runs_table_reads_a_spreadsheets_figures_and_marks_a_cleared_one(cap
     assert table[3].split() == ["90.0%", "88.0%", "2", "1.0", "new:", "this", "run"]
     assert comparison.startswith("vs old (the same settings): validation accuracy of the best")
     assert "epoch +4.7 points, 0.7x the minutes." in comparison  # 90.0 - 85.3; 1.0 / 1.5
+
+
+def test_the_runs_table_shows_the_last_8_and_a_tie_is_compared_with_the_latest(capsys):
+    settings = {name: ft.constant_text(name) for name in ft.SETTINGS}
+    figures = dict(best_val_acc="0.5", test_acc="0.5", epochs_run="1", minutes="1.0")
+    rows = [dict(settings, run=f"run-{n}", **figures, val_images="5000") for n in range(1, 11)]
+    ft.print_runs(rows)
+    table, comparison = capsys.readouterr().out.strip().split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].startswith("the last 8 of 10 runs in summary.csv")
+    assert [line.split()[4] for line in lines[2:]] == [f"run-{n}:" for n in range(3, 11)]
+    assert comparison.startswith("vs run-9 (the same settings): ")  # 9 runs tie: the latest

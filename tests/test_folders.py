@@ -67,6 +67,14 @@ def test_small_images_keep_their_size_and_the_flag_takes_it_back(tmp_path, capsy
     assert code == 0 and " images, 2 classes, 28 px\n" in out, err
 
 
+def test_image_size_auto_is_imagenets_224_on_cuda_and_the_images_own_up_to_224_elsewhere(
+    monkeypatch,
+):
+    assert [ft.auto_image_size(side) for side in (28, 96, 224, 3024)] == [28, 96, 224, 224]
+    monkeypatch.setattr(ft.torch.cuda, "is_available", lambda: True)
+    assert [ft.auto_image_size(side) for side in (28, 3024)] == [224, 224]
+
+
 def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_test(
     real_files, tmp_path, capsys
 ):

@@ -6,10 +6,13 @@ import csv
 import errno
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 from torchvision.models import ResNet
 
 import fine_tuning as ft
@@ -83,9 +86,33 @@ def test_early_stopping_stops_and_the_best_epochs_weights_are_tested(
     assert not all(torch.equal(saved[3][k], saved[1][k]) for k in saved[1])
 
 
+def test_the_block_table_gives_each_blocks_status_parameters_and_rate_and_the_totals(capsys):
+    model = ft.build_model(10, "none")
+    ft.freeze(model, "layer2")
+    lrs = ft.block_lrs(1e-4, 0.5, 1e-3)
+    ft.print_blocks(model, torch.optim.Adam(ft.param_groups(model, lrs)), "eval")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["block", "status", "parameters", "lr", "BatchNorm"]
+    assert lines[3].split() == ["layer2", "frozen", "525,568", "-", "eval"]
+    assert lines[4].split() == ["layer3", "trainable", "2,099,712", "5.0e-05", "train"]
+    assert lines[6].split() == ["fc", "trainable", "5,130", "1.0e-03", "-"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert lines[7] == f"trainable parameters: {trainable:,}   frozen: {frozen:,}"
+
+
 # Layer3 is to be released at epoch 3, but early stopping ends the run after epoch 2.
 PREVENTED = ["--dry-run", "--freeze-until", "layer4", "--unfreeze-schedule", "3:layer3"]
 PREVENTED += ["--patience", "1", "--min-delta", "10", "--epochs", "4"]
+
+
+def test_a_scheduled_unfreezing_at_the_last_epoch_run_is_not_named_as_prevented(tmp_path, capsys):
+    # Layer3 joins at epoch 2, and early stopping ends the run after it: it did happen.
+    happened = [*PREVENTED[:4], "2:layer3", *PREVENTED[5:]]
+    code, out, err = run(capsys, *happened, "--output-dir", tmp_path)
+    assert code == 0, err
+    assert "\nunfreezing layer3, layer4\n" in out
+    assert "by at least 10 since then (PATIENCE = 1)\n" in out  # the reason ends there
 
 
 def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, capsys):
@@ -276,6 +303,21 @@ def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     assert code == 0, err
     for name in ["inputs.png", "curves.png", "mistakes.png"]:
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    inputs = ft.ModelInput(32, seed=0)
+    run = SimpleNamespace(train_set=TensorDataset(images, torch.arange(40) % 10), inputs=inputs)
+    run.cfg = SimpleNamespace(classes=ft.CIFAR10_CLASSES)
+    run.dir = Path("runs") / "r"
+    before = inputs.generator.get_state()
+    ft.draw_inputs(run)  # 16 images augmented, as training augments them
+    titles = [axis.get_title() for axis in drawn["inputs.png"].axes]
+    assert titles == [ft.CIFAR10_CLASSES[n % 10] for n in range(0, 32, 2)]  # every second image
+    assert torch.equal(inputs.generator.get_state(), before)
 
 
 def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu_as_training_saw_them(

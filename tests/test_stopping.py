@@ -208,6 +208,8 @@ def test_resume_goes_on_with_the_saved_settings_and_epochs_trains_on(tmp_path, c
     code, out, err = run(capsys, "--resume", run_dir / "last.pt", "--epochs", "3")
     assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
     assert "\nunfreezing layer2\n" in out and "stopped: all epochs ran (EPOCHS = 3)" in out
+    table = out[out.index("\nepoch  ") + 1 :].splitlines()  # the header over its first epoch: 2
+    assert table[1].split()[0] == "2" and table[2].split()[0] == "3"
     assert [row["lr_fc"] for row in history(run_dir)] == ["0.001"] * 3
     assert json.loads(config.read_text())["settings"]["EPOCHS"] == 3
 
