@@ -45,7 +45,7 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     assert load_state(run_dir / "best.pt")["fc.weight"].shape == (10, 512)
     summary = rows(tmp_path / "summary.csv")
     assert [row["run"] for row in summary] == ["first"] and summary[0]["IMAGE_SIZE"] == "32"
-    assert summary[0]["DATASET"] == "CIFAR10"
+    assert summary[0]["DATASET"] == "CIFAR10" and summary[0]["UNFREEZE_SCHEDULE"] == "none"
     assert "\nthe first run in summary.csv (val acc: the best epoch's" in out
 
 

@@ -71,12 +71,17 @@ BAD_FLAGS = [  # a flag, and what the one line says
     ),
     ("--run-name a/b", "argument --run-name: 'a/b' is not allowed"),
     ("--unfreeze-schedule 2:layer3", "2:layer3 is not allowed: layer3 is trainable by then"),
+    (
+        "--unfreeze-schedule 2:layer1,4:layer2",  # layer1 at epoch 2 releases layer2 with it
+        "4:layer2 is not allowed: layer2 is trainable by then; name a frozen block",
+    ),
     ("--dataset CIFAR-10", "DATASET (--dataset): 'CIFAR-10' is not allowed: expected CIFAR10 or"),
     ("--epochs", "EPOCHS (--epochs): expected one argument"),
     (
-        "--unfreeze-schedule 20:layer1",
-        "20:layer1 is not allowed: epoch 20 is outside 1..15 (EPOCHS)",
+        "--unfreeze-schedule 16:layer1",  # EPOCHS = 15: the first epoch that never runs
+        "16:layer1 is not allowed: epoch 16 is outside 1..15 (EPOCHS)",
     ),
+    ("--unfreeze-schedule 0:layer2", "0:layer2 is not allowed: epoch 0 is outside 1..15 (EPOCHS)"),
     ("--val-fraction 0.0001", "VAL_FRACTION (--val-fraction) = 0.0001 leaves 0 validation images"),
     ("--train-per-class 4600", "(--train-per-class) = 4600 is not allowed: only 4,500 training"),
     ("--val-fraction 0.99999", "VAL_FRACTION (--val-fraction) = 0.99999 leaves airplane no train"),

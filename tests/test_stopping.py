@@ -234,6 +234,29 @@ def test_a_resume_given_new_settings_stopped_in_its_first_epoch_repeats_them_in_
     assert json.loads((run_dir / "config.json").read_text())["settings"]["DATA_DIR"] == str(data)
 
 
+def test_a_resume_given_new_settings_whose_epochs_all_ran_prints_a_command_without_them(
+    tmp_path, capsys, monkeypatch
+):
+    # Resumed to train on to epoch 3, which completes; Ctrl-C in the test. last.pt holds
+    # EPOCHS 3 now, and `--epochs 3` would be refused: "the run has done 3".
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    evaluate = ft.evaluate
+
+    def ctrl_c_in_test(model, loader, inputs, amp_dtype=None, desc="val"):
+        if desc == "test":
+            raise KeyboardInterrupt
+        return evaluate(model, loader, inputs, amp_dtype, desc)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "evaluate", ctrl_c_in_test)
+        code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
+    assert code == 130, err
+    go_on = ft.command("--resume", run_dir)
+    assert out.splitlines()[-1] == f"resume with: {go_on}"
+    code, out, err = run(capsys, *shlex.split(go_on)[2:])  # as pasted
+    assert code == 0 and "stopped: all epochs ran (EPOCHS = 3)" in out, err
+
+
 def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
     real_files, tmp_path, capsys, monkeypatch
 ):
