@@ -186,6 +186,18 @@ def stop_after_epoch(monkeypatch, epoch):
     monkeypatch.setattr(ft.Run, "log_epoch", log_then_stop)
 
 
+def ctrl_c_in_the_test(monkeypatch):
+    """Ctrl-C as the test of the best weights begins."""
+    evaluate = ft.evaluate
+
+    def ctrl_c_in_test(model, loader, inputs, amp_dtype=None, desc="val"):
+        if desc == "test":
+            raise KeyboardInterrupt
+        return evaluate(model, loader, inputs, amp_dtype, desc)
+
+    monkeypatch.setattr(ft, "evaluate", ctrl_c_in_test)
+
+
 def stopped_run(tmp_path, capsys, monkeypatch, *extra):
     """A dry run stopped after its first epoch: its folder, tmp_path/runs/r."""
     args = ["--dry-run", "--epochs", "2", "--patience", "5", *extra]
@@ -240,15 +252,8 @@ def test_a_resume_given_new_settings_whose_epochs_all_ran_prints_a_command_witho
     # Resumed to train on to epoch 3, which completes; Ctrl-C in the test. last.pt holds
     # EPOCHS 3 now, and `--epochs 3` would be refused: "the run has done 3".
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
-    evaluate = ft.evaluate
-
-    def ctrl_c_in_test(model, loader, inputs, amp_dtype=None, desc="val"):
-        if desc == "test":
-            raise KeyboardInterrupt
-        return evaluate(model, loader, inputs, amp_dtype, desc)
-
     with monkeypatch.context() as patch:
-        patch.setattr(ft, "evaluate", ctrl_c_in_test)
+        ctrl_c_in_the_test(patch)
         code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
     assert code == 130, err
     go_on = ft.command("--resume", run_dir)
@@ -465,15 +470,8 @@ def test_a_run_stopped_early_and_interrupted_in_its_test_resumes_to_the_test(
 ):
     # PATIENCE 1 and a MIN_DELTA no epoch beats: epoch 2 ends training; Ctrl-C during the test.
     args = ["--dry-run", "--epochs", "5", "--patience", "1", "--min-delta", "10"]
-    evaluate = ft.evaluate
-
-    def ctrl_c_in_test(model, loader, inputs, amp_dtype=None, desc="val"):
-        if desc == "test":
-            raise KeyboardInterrupt
-        return evaluate(model, loader, inputs, amp_dtype, desc)
-
     with monkeypatch.context() as patch:
-        patch.setattr(ft, "evaluate", ctrl_c_in_test)
+        ctrl_c_in_the_test(patch)
         code, out, err = run(capsys, *args, "--output-dir", tmp_path, "--run-name", "r")
     assert code == 130 and "resume with: " in out, err
     code, out, err = run(capsys, "--resume", tmp_path / "r")
