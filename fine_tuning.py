@@ -35,7 +35,7 @@ HEAD_LR = 1e-3  # the new head starts from random weights: 10x larger steps
 # early stopping
 MONITOR = "val_loss"  # what early stopping watches: "val_loss" or "val_acc"
 PATIENCE = 3  # epochs without improvement before training stops
-MIN_DELTA = 0.001  # the smallest change that counts (loss, or accuracy as a fraction)
+MIN_DELTA = 0.001  # an improvement must be larger than this (loss, or accuracy as a fraction)
 # system
 NUM_WORKERS = "auto"  # DataLoader processes: "auto" = 2 on CUDA (0 pasted in a cell), 0 elsewhere
 OUTPUT_DIR = "./runs"  # each run writes OUTPUT_DIR/<run name>/; finished runs add to summary.csv
@@ -460,7 +460,7 @@ def accuracy(confusion):
 # === 7. Early stopping ============================================================================
 ## Training accuracy keeps rising long after the model stops getting better on images it has not
 ## seen. Early stopping watches the validation split, keeps the weights of the best epoch, and
-## ends training once `patience` epochs in a row failed to beat the best by at least `min_delta`.
+## ends training once `patience` epochs in a row failed to beat the best by more than `min_delta`.
 class EarlyStopping:
     def __init__(self, patience, min_delta, monitor="val_loss"):
         self.patience = patience
@@ -1241,7 +1241,7 @@ class Run:
             return f"all epochs ran (EPOCHS = {cfg.epochs})"
         reason = (
             f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
-            f" by at least {cfg.min_delta:g} since then (PATIENCE = {cfg.patience})"
+            f" by more than {cfg.min_delta:g} since then (PATIENCE = {cfg.patience})"
         )
         done = self.history[-1]["epoch"]
         later = {epoch: block for epoch, block in cfg.unfreeze_schedule.items() if epoch > done}

@@ -77,6 +77,17 @@ def test_every_run_gets_the_same_split_and_train_per_class_keeps_its_validation_
     assert torch.equal(few_val, first[1]) and set(few_train.tolist()) <= set(first[0].tolist())
 
 
+def test_every_training_step_has_batch_size_images_and_evaluation_sees_every_image():
+    dataset = TensorDataset(torch.zeros(65, 3, 32, 32, dtype=torch.uint8), torch.arange(65) % 10)
+    train_loader, val_loader, test_loader = ft.make_loaders(dataset, dataset, dataset, 32, 0, 0)
+    assert [len(labels) for _, labels in train_loader] == [32, 32]  # the 65th image waits
+    assert [len(labels) for _, labels in val_loader] == [64, 1]  # twice the batch, every image
+    assert [len(labels) for _, labels in test_loader] == [64, 1]
+    # Why: BatchNorm in train mode cannot normalise a batch of one image (at 32 px, one value)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        small_model().train()(torch.zeros(1, 3, 32, 32))
+
+
 def test_augmentation_of_small_images_is_randomcrop_32_padding_4_and_a_horizontal_flip():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).float() / 255
     augmented = ft.random_crop_flip(images, torch.Generator().manual_seed(0))
@@ -325,6 +336,24 @@ def test_the_training_step_and_evaluation_copy_into_a_project_with_another_model
     assert torch.allclose(model_input(as_uint8.float() / 255), expected, atol=1e-6)
 
 
+def test_the_training_step_returns_the_mean_loss_per_image_and_the_share_classified_right():
+    # Every image gets the logits [1, 0, 0, 0], which a learning rate of 0 keeps: class 0 always
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4))
+    torch.nn.init.zeros_(model[1].weight)
+    logits = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    model[1].bias.data.copy_(logits)
+    # 12 images, labels 0, 1, 2, 3, 0, ... in batches of 5, 5 and 2: the mean is over images
+    loader = DataLoader(TensorDataset(torch.rand(12, 3, 4, 4), torch.arange(12) % 4), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, accuracy = ft.train_one_epoch(model, loader, optimizer, scaler, torch.nn.Identity())
+    assert accuracy == 0.25  # the 3 images of class 0
+    each_label = torch.nn.functional.cross_entropy(
+        logits.expand(4, 4), torch.arange(4), reduction="none"
+    )
+    assert loss == pytest.approx(each_label.mean().item())  # each label 3 times
+
+
 def test_the_progress_bar_shows_the_mean_loss_so_far_every_25_batches(monkeypatch):
     # A model whose every loss is ln(4): zero weights that a learning rate of 0 keeps at zero.
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
@@ -376,17 +405,32 @@ def test_an_improvement_resets_the_count_and_val_acc_is_maximised():
     assert stopper.step(3.0, 0.6, 3) and stopper.bad_epochs == 0 and stopper.best_epoch == 3
 
 
-def test_a_nan_loss_stops_training_with_a_line_on_what_to_do(monkeypatch):
+def test_an_improvement_must_be_larger_than_min_delta_for_either_monitor():
+    # 0.25, 0.5, 0.75 and 1.0 are exact in binary: the boundary itself is tested
+    by_loss = ft.EarlyStopping(patience=5, min_delta=0.25)
+    assert by_loss.step(1.0, 0.5, 1)
+    assert not by_loss.step(0.75, 0.5, 2)  # lower by min_delta exactly: not enough
+    assert by_loss.step(0.5, 0.5, 3) and by_loss.best == 0.5
+    by_acc = ft.EarlyStopping(patience=5, min_delta=0.25, monitor="val_acc")
+    assert by_acc.step(9.0, 0.25, 1)
+    assert not by_acc.step(9.0, 0.5, 2)  # higher by min_delta exactly: not enough
+    assert by_acc.step(9.0, 0.75, 3) and by_acc.best_epoch == 3 and by_acc.bad_epochs == 0
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_nan_or_inf_loss_stops_training_with_a_line_on_what_to_do(monkeypatch, value):
     model = small_model("layer2")
     optimizer, _ = adam(model)
     cross_entropy = torch.nn.functional.cross_entropy
 
     def diverging(logits, labels):
-        return cross_entropy(logits, labels) * math.nan
+        return cross_entropy(logits, labels) * value
 
     monkeypatch.setattr(ft.F, "cross_entropy", diverging)
-    with pytest.raises(FloatingPointError, match="training diverged: the loss became nan. Try a"):
-        train(model, optimizer, n=32)
+    with pytest.raises(
+        FloatingPointError, match=f"training diverged: the loss became {value}. Try"
+    ):
+        train(model, optimizer, n=16)  # one batch: after an inf, the next loss would be nan
 
 
 # --- Mixed precision ------------------------------------------------------------------------------

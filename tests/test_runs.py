@@ -80,7 +80,7 @@ def test_early_stopping_stops_and_the_best_epochs_weights_are_tested(
     args = tiny(real_files, tmp_path, "--epochs", "9", "--patience", "2", "--min-delta", "100")
     code, out, err = run(capsys, *args)
     assert code == 0, err
-    assert "stopped: early stopping: val_loss did not improve on epoch 1 by at least 100" in out
+    assert "stopped: early stopping: val_loss did not improve on epoch 1 by more than 100" in out
     assert sorted(saved) == [1, 2, 3]  # epoch 1, then two without an improvement of 100
     assert all(torch.equal(tested[k], saved[1][k]) for k in tested)
     assert not all(torch.equal(saved[3][k], saved[1][k]) for k in saved[1])
@@ -112,14 +112,15 @@ def test_a_scheduled_unfreezing_at_the_last_epoch_run_is_not_named_as_prevented(
     code, out, err = run(capsys, *happened, "--output-dir", tmp_path)
     assert code == 0, err
     assert "\nunfreezing layer3, layer4\n" in out
-    assert "by at least 10 since then (PATIENCE = 1)\n" in out  # the reason ends there
+    assert "by more than 10 since then (PATIENCE = 1)\n" in out  # the reason ends there
 
 
 def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, capsys):
     code, out, err = run(capsys, *PREVENTED, "--output-dir", tmp_path)
     assert code == 0, err
     assert (
-        "by at least 10 since then (PATIENCE = 1); the scheduled unfreezing 3:layer3 did not" in out
+        "by more than 10 since then (PATIENCE = 1); the scheduled unfreezing 3:layer3 did not"
+        in out
     )
     assert "\nunfreezing" not in out
 
@@ -220,6 +221,29 @@ def test_a_dry_run_uses_synthetic_images_of_cifar10s_size_and_every_other_settin
     assert torch.bincount(train_set.tensors[1]).tolist() == [5_000] * 10
     assert train_set.tensors[1][:20].tolist() != list(range(10)) * 2
     assert " n/a " not in out[out.index("most often taken for") :]
+
+
+def test_seed_fixes_the_new_heads_first_weights_the_shuffle_and_the_augmentation(
+    tmp_path, monkeypatch
+):
+    started = []  # for each run: the head's first weights, the shuffle's and augmentation's seeds
+
+    class Started(Exception):
+        pass
+
+    def record(cfg, model, optimizer, scaler, stopper, train_loader, inputs):
+        head = model.fc.weight.detach().clone()
+        shuffle = train_loader.sampler.generator.initial_seed()
+        started.append((head, shuffle, inputs.generator.initial_seed()))
+        raise Started  # the run goes no further
+
+    monkeypatch.setattr(ft, "Run", record)
+    for seed in (1, 2, 1):
+        with pytest.raises(Started):
+            ft.main(["--dry-run", "--seed", seed, "--output-dir", tmp_path])
+    (first, shuffle, augment), (other, *_), (again, *_) = started
+    assert shuffle == 1 and augment == 1
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 def test_adam_is_fused_on_every_device(tmp_path, capsys, monkeypatch):
