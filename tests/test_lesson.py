@@ -92,14 +92,23 @@ def test_augmentation_of_small_images_is_randomcrop_32_padding_4_and_a_horizonta
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).float() / 255
     augmented = ft.random_crop_flip(images, torch.Generator().manual_seed(0))
     flipped = 0
+    offsets = set()  # (top, left) of each crop found
     for image, out in zip(images, augmented, strict=True):
         padded = TF.pad(image, [4])  # what transforms.v2.RandomCrop(32, padding=4) crops from
-        crops = [TF.crop(padded, top, left, 32, 32) for top in range(9) for left in range(9)]
-        plain = any(torch.equal(out, crop) for crop in crops)
-        mirrored = any(torch.equal(out, TF.horizontal_flip(crop)) for crop in crops)
+        crops = {
+            (top, left): TF.crop(padded, top, left, 32, 32) for top in range(9) for left in range(9)
+        }
+        plain = [offset for offset, crop in crops.items() if torch.equal(out, crop)]
+        mirrored = [
+            offset for offset, crop in crops.items() if torch.equal(out, TF.horizontal_flip(crop))
+        ]
         assert plain or mirrored
-        flipped += mirrored and not plain
+        flipped += bool(mirrored) and not plain
+        offsets.update(plain + mirrored)
     assert 10 < flipped < 54  # about half of the 64 images
+    tops = {top for top, _ in offsets}
+    lefts = {left for _, left in offsets}
+    assert tops == lefts == set(range(9))  # 0 to 8: both edges of the padding reached
     again = ft.random_crop_flip(images, torch.Generator().manual_seed(0))
     assert torch.equal(augmented, again)  # the generator decides: a resumed run augments alike
 
@@ -444,6 +453,22 @@ def test_the_training_step_runs_under_autocast_and_the_gradient_scaler(amp_dtype
     loss, accuracy = train(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, n=16)
     assert 0 < loss < 10 and 0 <= accuracy <= 1
     assert not [key for key in changed(before, model) if key.startswith(("conv1.", "layer1."))]
+
+
+def test_evaluation_under_autocast_computes_the_loss_and_probabilities_in_float32():
+    # As on a GPU from compute capability 8.0: the network in bfloat16, what is read from it not
+    model = small_model().eval()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(inputs().eval()(images))
+    assert logits.dtype == torch.bfloat16
+    loader = DataLoader(TensorDataset(images, labels), 8)
+    loss, _, predictions = ft.evaluate(model, loader, inputs(), torch.bfloat16)
+    expected = torch.nn.functional.cross_entropy(logits.float(), labels)
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(predictions[:, 1], logits.float().softmax(1).max(1).values)
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,20 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     assert "\nthe first run in summary.csv (val acc: the best epoch's" in out
 
 
+def test_a_run_leaves_the_frozen_blocks_as_imagenet_gave_them_batchnorm_statistics_included(
+    real_files, torch_home, tmp_path, capsys
+):
+    code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", "frozen"))
+    assert code == 0, err
+    cached = load_state(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    best = load_state(tmp_path / "frozen" / "best.pt")
+    frozen = [key for key in cached if key.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    assert "layer2.1.bn2.running_var" in frozen and "bn1.num_batches_tracked" in frozen
+    assert [key for key in frozen if not torch.equal(best[key], cached[key])] == []
+    trained = "layer3.1.bn2.running_var"  # FREEZE_UNTIL = "layer2": layer3 adapts
+    assert not torch.equal(best[trained], cached[trained])
+
+
 def test_the_imagenet_weights_come_through_torchvisions_cache(real_files, torch_home):
     # resnet18(weights=IMAGENET1K_V1) reads the cached file (the tests' random copy of it).
     cached = load_state(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
