@@ -141,6 +141,14 @@ def test_inputs_are_normalised_with_imagenets_statistics_resized_and_augmented_i
     assert not torch.equal(module.train()(noise), module.eval()(noise))
 
 
+def test_images_up_to_64_px_get_the_padded_crop_and_larger_ones_the_resized_crop():
+    # White images: a crop of the padded image brings in black, a resized crop never does
+    for size, padded in [(32, True), (64, True), (65, False), (224, False)]:
+        white = torch.full((16, 3, size, size), 255, dtype=torch.uint8)
+        x = inputs(size).train()(white)  # normalised: white is above 0, black below
+        assert bool(x.min() < 0) == padded, size
+
+
 def write_images(folder):
     """Two classes of images as a learner's photos come: sizes, modes and formats of all kinds."""
     shapes = [((120, 90), "RGB", "jpg"), ((100, 100), "L", "png"), ((90, 140), "RGBA", "png")]

@@ -100,6 +100,30 @@ def test_early_stopping_stops_and_the_best_epochs_weights_are_tested(
     assert not all(torch.equal(saved[3][k], saved[1][k]) for k in saved[1])
 
 
+def test_monitor_val_acc_chooses_the_best_epoch_and_stops_by_validation_accuracy(
+    tmp_path, capsys, monkeypatch
+):
+    # Each epoch the validation loss falls and the accuracy falls too: they disagree.
+    figures = iter([(1.0, 5), (0.5, 4), (0.4, 3)])  # (loss, right of 10)
+    evaluate = ft.evaluate
+
+    def scripted(model, loader, inputs, amp_dtype=None, desc="val"):
+        if desc == "test":
+            return evaluate(model, loader, inputs, amp_dtype, desc)
+        loss, right = next(figures)
+        confusion = torch.zeros(10, 10, dtype=torch.long)
+        confusion[0, 0] = right
+        confusion[0, 1] = 10 - right
+        return loss, confusion, None
+
+    monkeypatch.setattr(ft, "evaluate", scripted)
+    args = ["--dry-run", "--monitor", "val_acc", "--patience", "1", "--epochs", "3"]
+    code, out, err = run(capsys, *args, "--output-dir", tmp_path)
+    assert code == 0, err
+    assert "stopped: early stopping: val_acc did not improve on epoch 1 by more than" in out
+    assert "(the weights of epoch 1, the best val_acc, from best.pt" in out
+
+
 def test_the_block_table_gives_each_blocks_status_parameters_and_rate_and_the_totals(capsys):
     model = ft.build_model(10, "none")
     ft.freeze(model, "layer2")
