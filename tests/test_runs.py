@@ -24,7 +24,17 @@ def rows(path):
         return list(csv.DictReader(file))
 
 
-def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp_path, capsys):
+def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    returned = []  # train_one_epoch's figures, epoch by epoch
+    train_one_epoch = ft.train_one_epoch
+
+    def record(*args):
+        returned.append(train_one_epoch(*args))
+        return returned[-1]
+
+    monkeypatch.setattr(ft, "train_one_epoch", record)
     code, out, err = run(capsys, *tiny(real_files, tmp_path, "--run-name", "first"))
     assert code == 0, err
     run_dir = tmp_path / "first"
@@ -35,6 +45,7 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(real_files, tmp
     assert re.search(r"test accuracy [\d.]+%   \(the weights of epoch [12], the best val_loss", out)
     history = rows(run_dir / "history.csv")
     assert [row["epoch"] for row in history] == ["1", "2"]
+    assert [(float(row["train_loss"]), float(row["train_acc"])) for row in history] == returned
     assert history[0]["lr_layer3"] == "0.0001" and history[0]["lr_fc"] == "0.001"
     assert history[0]["lr_layer2"] == ""  # frozen: no learning rate
     results = json.loads((run_dir / "results.json").read_text())
@@ -365,6 +376,30 @@ def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     assert code == 0, err
     for name in ["inputs.png", "curves.png", "mistakes.png"]:
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mistakes_png_shows_the_16_test_images_most_confidently_wrong(
+    with_matplotlib, tmp_path, monkeypatch
+):
+    grids = {}  # file name: the titles of its images
+
+    def record(figure, images, titles, title, path):
+        grids[path.name] = titles
+
+    monkeypatch.setattr(ft, "image_grid", record)
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: None)
+    labels = torch.zeros(20, dtype=torch.long)  # 20 cats
+    predicted = torch.ones(20)
+    predicted[19] = 0  # the surest prediction is right
+    confidence = torch.arange(20) / 20
+    test_set = TensorDataset(torch.zeros(20, 3, 8, 8, dtype=torch.uint8), labels)
+    history = [dict(epoch=1, train_loss=1.0, val_loss=1.0, train_acc=0.5, val_acc=0.5)]
+    cfg = SimpleNamespace(unfreeze_schedule={}, classes=["cat", "dog"])
+    run = SimpleNamespace(history=history, best_epoch=1, dir=tmp_path, cfg=cfg)
+    ft.save_pictures(run, test_set, torch.stack([predicted, confidence], 1))
+    surest_wrong = range(18, 2, -1)  # images 18 down to 3, of the 19 wrong
+    expected = [f"cat\n-> dog ({confidence[i]:.0%})" for i in surest_wrong]
+    assert grids["mistakes.png"] == expected
 
 
 def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
