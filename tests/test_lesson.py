@@ -46,6 +46,15 @@ def adam(model, backbone_lr=1e-4, layer_lr_decay=1.0, head_lr=1e-3):
     return torch.optim.Adam(ft.param_groups(model, lrs), fused=True), lrs
 
 
+def fixed_logits_model(logits, side):
+    """A model that gives every image (N, 3, side, side) the same `logits`: zero weights and those
+    as the bias, which a learning rate of 0 keeps."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, len(logits)))
+    torch.nn.init.zeros_(model[1].weight)
+    model[1].bias.data.copy_(torch.as_tensor(logits))
+    return model
+
+
 def snapshot(module):
     """Copies of every parameter and buffer (BatchNorm's running statistics included)."""
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
@@ -354,11 +363,8 @@ def test_the_training_step_and_evaluation_copy_into_a_project_with_another_model
 
 
 def test_the_training_step_returns_the_mean_loss_per_image_and_the_share_classified_right():
-    # Every image gets the logits [1, 0, 0, 0], which a learning rate of 0 keeps: class 0 always
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4))
-    torch.nn.init.zeros_(model[1].weight)
-    logits = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    model[1].bias.data.copy_(logits)
+    logits = torch.tensor([1.0, 0.0, 0.0, 0.0])  # for every image: class 0, always
+    model = fixed_logits_model(logits, side=4)
     # 12 images, labels 0, 1, 2, 3, 0, ... in batches of 5, 5 and 2: the mean is over images
     loader = DataLoader(TensorDataset(torch.rand(12, 3, 4, 4), torch.arange(12) % 4), 5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -372,10 +378,7 @@ def test_the_training_step_returns_the_mean_loss_per_image_and_the_share_classif
 
 
 def test_the_progress_bar_shows_the_mean_loss_so_far_every_25_batches(monkeypatch):
-    # A model whose every loss is ln(4): zero weights that a learning rate of 0 keeps at zero.
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
-    torch.nn.init.zeros_(model[1].weight)
-    torch.nn.init.zeros_(model[1].bias)
+    model = fixed_logits_model([0.0, 0.0, 0.0, 0.0], side=8)  # every loss is ln(4)
     loader = DataLoader(TensorDataset(torch.rand(120, 3, 8, 8), torch.arange(120) % 4), 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
