@@ -162,7 +162,6 @@ def make_loaders(train_set, val_set, test_set, batch_size, num_workers, seed):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),  # page-locked memory: copies to the GPU run alongside
-        worker_init_fn=ignore_ctrl_c,
     )
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     ## drop_last drops the last, smaller batch (45,000 = 1,406 x 32 + 8): every step has the same
@@ -1638,11 +1637,6 @@ def progress_bar(iterable, desc):
     return tqdm(
         iterable, desc, leave=False, mininterval=interval, maxinterval=interval, delay=interval
     )
-
-
-def ignore_ctrl_c(worker_id):
-    # A terminal's Ctrl-C reaches DataLoader workers too: the main process alone decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def sigterm_as_ctrl_c(signum, frame):
