@@ -223,7 +223,13 @@ def test_a_summary_csv_a_spreadsheet_saved_is_read_and_kept_in_its_own_layout(tm
 
 
 @pytest.mark.parametrize(
-    "content", [b"\xff\xfe\x00garbage", "name;score\r\nold;0.5\r\n".encode(), b"run,DATASET\n"]
+    "content",
+    [
+        b"\xff\xfe\x00garbage",  # not text
+        b"my notes on the runs\n",  # no delimiter to find: csv.Error
+        "name;score\r\nold;0.5\r\n".encode(),  # no column of this run's
+        b"run,DATASET\n",
+    ],
 )
 def test_a_summary_csv_that_cannot_be_read_is_moved_aside_never_overwritten(
     content, tmp_path, capsys
@@ -302,9 +308,11 @@ def test_the_runs_table_reads_a_spreadsheets_figures_and_marks_a_cleared_one(cap
     settings = {name: ft.constant_text(name) for name in ft.SETTINGS}
     old = dict(settings, run="old", best_val_acc="85,3%", test_acc="")  # the test accuracy cleared
     old.update(epochs_run="3", minutes="1,5")  # a decimal comma
+    notes = {"run": "", "best_val_acc": "", "note": "ideas for next week"}  # a row of the learner's
     new = dict(settings, run="new", best_val_acc="0.9", test_acc="0.88", epochs_run="2")
     new.update(minutes="1.0", val_images="5000")
-    ft.print_runs([old, new])
+    new.update(DATA_DIR="/elsewhere/data", NUM_WORKERS="2")  # where and how fast: no difference
+    ft.print_runs([old, notes, new])
     table, comparison = capsys.readouterr().out.strip().split("\n\n")
     comparison = " ".join(comparison.split())  # as one line, however it wraps
     table = table.splitlines()
