@@ -82,6 +82,8 @@ def test_class_folders_alone_give_a_held_out_test_split_and_val_is_taken_for_tes
     code, out, err = run(capsys, *folder_run(alone, tmp_path / "runs"))
     assert code == 0, err
     assert "data: 24 train / 3 validation / 3 test (held out) images, 3 classes" in out
+    code, _, err = run(capsys, *folder_run(alone, tmp_path / "runs", "--batch-size", "25"))
+    assert code == 2 and err.endswith("the training split has only 24 images\n"), err  # not 27
     tutorial = tmp_path / "hymenoptera_data"  # PyTorch's tutorial: train/ and val/
     write_image_folder(tutorial / "train", ("ants", "bees"))
     write_image_folder(tutorial / "val", ("ants", "bees"), per_class=2)

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,6 +83,10 @@ BAD_FLAGS = [  # a flag, and what the one line says
         "16:layer1 is not allowed: epoch 16 is outside 1..15 (EPOCHS)",
     ),
     ("--unfreeze-schedule 0:layer2", "0:layer2 is not allowed: epoch 0 is outside 1..15 (EPOCHS)"),
+    (
+        "--unfreeze-schedule 5:layer2,5:layer1",  # one epoch twice: neither is dropped unsaid
+        "UNFREEZE_SCHEDULE (--unfreeze-schedule): '5:layer2,5:layer1' is not allowed",
+    ),
     ("--val-fraction 0.0001", "VAL_FRACTION (--val-fraction) = 0.0001 leaves 0 validation images"),
     ("--train-per-class 4600", "(--train-per-class) = 4600 is not allowed: only 4,500 training"),
     ("--val-fraction 0.99999", "VAL_FRACTION (--val-fraction) = 0.99999 leaves airplane no train"),
@@ -108,7 +113,8 @@ def test_a_bad_setting_gets_one_line_and_exit_2_before_any_download(
 @pytest.mark.parametrize(
     "typed, meant",
     [("--freeze-untill", "--freeze-until"), ("--learning-rate", None), ("--epoch", "--epochs"),
-     ("--dryrun", "--dry-run"), ("--head_lr=0.01", "--head-lr")],
+     ("--dryrun", "--dry-run"), ("--head_lr=0.01", "--head-lr"),
+     ("--data_dir=/content/drive/MyDrive/data", "--data-dir")],
 )  # fmt: skip
 def test_a_mistyped_flag_gets_one_line_with_the_nearest_flag(typed, meant, tmp_path, capsys):
     code, out, err = run(capsys, typed, "layer2", "--output-dir", tmp_path)
@@ -163,6 +169,27 @@ def test_an_edited_schedule_is_read_like_the_flag(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(ft, "UNFREEZE_SCHEDULE", {2: "layer2"})
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
     assert code == 0 and "\nunfreezing layer2\n" in out, err
+
+
+def test_train_per_class_is_refused_only_above_the_largest_class():
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 4)  # a folder's classes differ in size
+    cfg = SimpleNamespace(val_fraction=0.1, train_per_class=5, batch_size=2)
+    ft.check_splits(labels, ["a", "b", "c"], cfg, test_held_out=False)  # c keeps its 4
+    cfg.train_per_class = 10
+    with pytest.raises(ft.SettingError, match="only 9 training images per class remain"):
+        ft.check_splits(labels, ["a", "b", "c"], cfg, test_held_out=False)
+
+
+def test_a_dry_run_has_2_epochs_unless_epochs_is_given_or_the_schedule_needs_more():
+    assert ft.parse_settings(["--dry-run"]).epochs == ft.DRY_RUN_EPOCHS == 2
+    assert ft.parse_settings(["--dry-run", "--epochs", "5"]).epochs == 5
+    assert ft.parse_settings(["--dry-run", "--unfreeze-schedule", "4:layer2"]).epochs == 4
+
+
+def test_a_schedule_is_read_in_epoch_order_however_it_is_written():
+    cfg = ft.parse_settings(["--unfreeze-schedule", "10:layer1, 5:Layer2"])  # layer2 goes first
+    assert cfg.unfreeze_schedule == {5: "layer2", 10: "layer1"}
+    assert list(cfg.unfreeze_schedule) == [5, 10]
 
 
 def test_the_schedule_comments_example_works_with_the_default_freeze_until(monkeypatch):
@@ -263,6 +290,8 @@ def weights_files(folder):
         torch.save(content, paths[name])
     paths["garbage"] = folder / "garbage.pt"
     paths["garbage"].write_bytes(b"not a checkpoint" * 100)
+    paths["empty"] = folder / "empty.pt"  # a copy that failed
+    paths["empty"].write_bytes(b"")
     return paths
 
 
@@ -275,6 +304,7 @@ def test_a_weights_file_that_is_not_resnet18_weights_gets_one_line(tmp_path, cap
         "not resnet18": 'Unexpected key(s) in state_dict: "layer1.2.conv1.weight"',
         "missing": 'Missing key(s) in state_dict: "layer4.1.conv1.weight"',
         "garbage": "(UnpicklingError: ",
+        "empty": "(EOFError",
         "no file": "(FileNotFoundError: ",
     }
     paths = weights_files(tmp_path)

@@ -81,8 +81,11 @@ def test_ctrl_c_mid_epoch_tests_the_best_weights_and_the_resume_is_exact(
     assert f"resume with: {PYTHON} fine_tuning.py --resume {run_dir}" in out
     assert json.loads((run_dir / "results.json").read_text())["stop_reason"].startswith("interr")
     assert len(history(run_dir)) == 1 and load_state(run_dir / "last.pt")["epoch"] == 1
-    # Resumed, with two DataLoader workers, it ends with exactly the weights of an unbroken run.
-    code, out, err = run(capsys, "--resume", run_dir, "--num-workers", "2")
+    # Resumed, with two DataLoader workers and no ImageNet weights in the cache (last.pt holds every
+    # weight: nothing to download), it ends with exactly the weights of an unbroken run.
+    with monkeypatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path / "another machine's empty cache"))
+        code, out, err = run(capsys, "--resume", run_dir, "--num-workers", "2")
     assert code == 0 and f"resuming {run_dir} after epoch 1" in out, err
     code, _, err = run(capsys, *args, "--run-name", "straight")
     assert code == 0, err
@@ -334,13 +337,22 @@ def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys
     )
 
 
+def test_a_resume_takes_the_workers_of_the_machine_it_runs_on(tmp_path, capsys, monkeypatch):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    state = load_state(run_dir / "last.pt")
+    state["settings"]["NUM_WORKERS"] = 2  # "auto" on a Colab GPU
+    torch.save(state, run_dir / "last.pt")
+    assert ft.parse_settings(["--resume", run_dir]).num_workers == 0  # "auto" here, on the CPU
+    assert ft.parse_settings(["--resume", run_dir, "--num-workers", "1"]).num_workers == 1
+
+
 def test_resume_refuses_settings_that_change_the_result(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "--resume", tmp_path, "--head-lr", "0.01")  # before any file is read
     assert code == 2 and len(err.splitlines()) == 1
     free = "only --epochs, --dataset, --data-dir, --output-dir and --num-workers may change"
     assert f"{free}, not --head-lr" in err
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
-    code, _, err = run(capsys, "--resume", run_dir, "--epochs", "1")
+    code, _, err = run(capsys, "--resume", run_dir, "--epochs=1")  # a free setting, = or not
     assert code == 2 and err.endswith("EPOCHS (--epochs) = 1: the run has done 1\n")
     other = write_image_folder(tmp_path / "insects", per_class=20)  # may move, not change classes
     code, _, err = run(capsys, "--resume", run_dir, "--dataset", other)
@@ -361,7 +373,12 @@ def test_a_folder_run_resumes_from_where_its_folder_moved(tmp_path, capsys, monk
     code, _, err = run(capsys, "--resume", run_dir, "--epochs", "3")  # a longer run, elsewhere
     longer = ft.command("--resume", run_dir, "--dataset", "FOLDER", "--epochs", 3)  # kept
     assert code == 2 and err.endswith(f"Moved? {longer}\n"), err
-    code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
+    with monkeypatch.context() as patch:  # Ctrl-C in the first epoch of the resume
+        patch.setattr(ft, "train_one_epoch", lambda *args: os.kill(os.getpid(), signal.SIGINT))
+        code, out, err = run(capsys, "--resume", run_dir, "--dataset", tmp_path / "moved")
+    go_on = ft.command("--resume", run_dir, "--dataset", tmp_path / "moved")  # last.pt: the old
+    assert code == 130 and out.splitlines()[-1] == f"resume with: {go_on}", out + err
+    code, out, err = run(capsys, *shlex.split(go_on)[2:])
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
 
 
