@@ -49,6 +49,8 @@ def test_a_run_trains_tests_the_best_weights_and_keeps_its_files(
     assert history[0]["lr_layer3"] == "0.0001" and history[0]["lr_fc"] == "0.001"
     assert history[0]["lr_layer2"] == ""  # frozen: no learning rate
     results = json.loads((run_dir / "results.json").read_text())
+    seconds = sum(float(row["seconds"]) for row in history)  # every epoch's, not the last one's
+    assert results["minutes"] == round(seconds / 60, 2)
     confusion = torch.tensor(results["confusion_matrix"])
     assert confusion.sum() == 30 and results["test_acc"] == confusion.trace().item() / 30
     for c, name in enumerate(results["classes"]):

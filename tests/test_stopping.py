@@ -337,6 +337,14 @@ def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys
     )
 
 
+def test_a_cpu_run_resumes_where_float16_needs_the_gradient_scaler(tmp_path, capsys, monkeypatch):
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    assert load_state(run_dir / "last.pt")["scaler"] == {}  # float32: the scaler saved nothing
+    monkeypatch.setattr(ft, "choose_device", lambda: (torch.device("cpu"), torch.float16))  # a T4
+    code, out, err = run(capsys, "--resume", run_dir)
+    assert code == 0 and "stopped: all epochs ran (EPOCHS = 2)" in out, err
+
+
 def test_a_resume_takes_the_workers_of_the_machine_it_runs_on(tmp_path, capsys, monkeypatch):
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
     state = load_state(run_dir / "last.pt")
