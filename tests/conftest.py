@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,11 @@ from fake_cifar10 import trusted_md5, write_cifar10  # noqa: E402
 
 LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
 PYTHON = os.path.basename(sys.executable)  # the interpreter's name, as printed commands begin
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a script
+    # (nohup, `&`): SIGINT ignored, and inherited by the scripts the tests start. The Ctrl-C tests
+    # need Python's own handler, as in a terminal (and so does every process started from here).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n auto`: a share of the cores each
     # On 2 AVX2 cores two workers of two threads each took 324 s, of one thread 100 s: these tiny
