@@ -53,6 +53,24 @@ def disk_fills_at(monkeypatch, name, at_write):
     monkeypatch.setattr(ft, "open", open_file, raising=False)
 
 
+def test_a_file_is_on_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    # After a crash of the machine (a Colab VM reclaimed, a power cut) the name is the old file or
+    # the new one: never a new name over data the disk had not yet written.
+    events = []
+    replace = os.replace
+
+    def renamed(source, target):
+        events.append("replace")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", lambda handle: events.append("fsync"))
+    monkeypatch.setattr(os, "replace", renamed)
+    ft.write_text(tmp_path / "history.csv", "epoch\n1\n")
+    assert events == ["fsync", "replace"]
+    assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
+    assert os.listdir(tmp_path) == ["history.csv"]
+
+
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses_nothing(
     name, tmp_path, capsys, monkeypatch
