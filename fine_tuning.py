@@ -1647,7 +1647,6 @@ def cli(argv=None):
     """main(), with exit codes: 0 done, 1 something outside the code failed, 2 a bad setting,
     130 Ctrl-C, 143 SIGTERM. Wherever it stops, the run folder is resumable, finished, or gone."""
     previous = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
-    active.run = None
     try:
         return main(argv)
     except SettingError as error:
@@ -1704,7 +1703,7 @@ def worker_died(error):
 def remove_unfinished_folder():
     """A run folder this process made, in which no epoch completed, holds nothing to keep."""
     run = active.run
-    active.run = None
+    active.run = None  # the next cli() starts afresh; in a notebook, the run's memory is freed
     if run is None or not run.new or (run.dir / "last.pt").exists():
         return
     if not (run.dir / "results.json").exists():

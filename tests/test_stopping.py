@@ -127,6 +127,20 @@ def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeyp
     assert out.endswith(f"resume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'twice'}\n")
 
 
+def test_cli_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
+    # SIGTERM is Ctrl-C only while a run runs: then, in a notebook, it is the kernel's again.
+    def kernels_handler(signum, frame):
+        pass
+
+    found = signal.signal(signal.SIGTERM, kernels_handler)
+    try:
+        code, out, err = run(capsys, "--dry-run", "--epochs", "0")
+        assert code == 2 and "EPOCHS (--epochs)" in err
+        assert signal.getsignal(signal.SIGTERM) is kernels_handler
+    finally:
+        signal.signal(signal.SIGTERM, found)
+
+
 def test_sigterm_stops_like_ctrl_c_and_exits_143(cifar_root, torch_home, tmp_path):
     args = tiny(cifar_root, tmp_path, *LONG, "--run-name", "term")
     process = start_script(args, torch_home, cifar_root / "md5.json")
