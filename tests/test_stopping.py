@@ -127,7 +127,7 @@ def test_a_second_ctrl_c_during_the_test_stops_at_once(tmp_path, capsys, monkeyp
     assert out.endswith(f"resume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'twice'}\n")
 
 
-def test_cli_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
+def test_cli_gives_back_the_sigterm_handler_it_found(capsys):
     # SIGTERM is Ctrl-C only while a run runs: then, in a notebook, it is the kernel's again.
     def kernels_handler(signum, frame):
         pass
