@@ -286,10 +286,11 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
 
 
 def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
-    monkeypatch.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
-    monkeypatch.setattr(ft.os, "path", ntpath)
-    monkeypatch.setattr(ft.sys, "executable", "C:\\Python312\\python.exe")  # printed: python
-    command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
+    with monkeypatch.context() as windows:  # undone before the assert: pytest's report needs os
+        windows.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
+        windows.setattr(ft.os, "path", ntpath)
+        windows.setattr(ft.sys, "executable", "C:\\Python312\\python.exe")  # printed: python
+        command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
 
 
