@@ -918,9 +918,11 @@ def read_cifar10(cfg):
     archive = cfg.data_dir / datasets.CIFAR10.filename
     try:
         return load_cifar10(cfg.data_dir)
-    except urllib.error.URLError as error:  # no network, a proxy, an SSL or HTTP error
+    except (urllib.error.URLError, ConnectionError) as error:  # no network, a proxy, an SSL or
+        # HTTP error (URLError); a connection cut mid-download, even after torchvision's retry
+        reason = getattr(error, "reason", error.strerror)
         raise RunError(
-            f"could not download CIFAR-10 ({error.reason}). Without internet, put"
+            f"could not download CIFAR-10 ({reason}). Without internet, put"
             f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {works_offline()}"
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed

@@ -43,6 +43,26 @@ def test_offline_the_weights_download_says_where_to_put_the_file(
     assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
 
 
+def test_a_connection_cut_during_the_cifar10_download_gets_the_same_line(
+    tmp_path, capsys, monkeypatch
+):
+    class Cut(io.BytesIO):  # the connection drops after the first bytes, and again on the retry
+        url = None  # no redirect
+        length = 170_498_071
+
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+            return super().read(size)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Cut(b"x" * 100_000))
+    code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
+    errors = [line for line in err.splitlines() if "error" in line]  # after torchvision's bar
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: could not download CIFAR-10 (Connection reset by peer).")
+    assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
+
+
 def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_path, capsys):
     data = own_data
     (data / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
