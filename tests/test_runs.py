@@ -407,16 +407,23 @@ def test_mistakes_png_shows_the_16_test_images_most_confidently_wrong(
 def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
     drawn = {}
     monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
-    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    colours = torch.randint(0, 256, (40, 3, 1, 1), dtype=torch.uint8)
+    images = colours.expand(40, 3, 32, 32).clone()  # an image of one colour each
     inputs = ft.ModelInput(32, seed=0)
     run = SimpleNamespace(train_set=TensorDataset(images, torch.arange(40) % 10), inputs=inputs)
     run.cfg = SimpleNamespace(classes=ft.CIFAR10_CLASSES)
     run.dir = Path("runs") / "r"
     before = inputs.generator.get_state()
     ft.draw_inputs(run)  # 16 images augmented, as training augments them
-    titles = [axis.get_title() for axis in drawn["inputs.png"].axes]
+    axes = drawn["inputs.png"].axes
+    titles = [axis.get_title() for axis in axes]
     assert titles == [ft.CIFAR10_CLASSES[n % 10] for n in range(0, 32, 2)]  # every second image
     assert torch.equal(inputs.generator.get_state(), before)
+    # Shown in their own colours, not as the normalised numbers the network gets: the centre of a
+    # crop is never the padding
+    centres = [torch.from_numpy(axis.images[0].get_array()[16, 16]) for axis in axes]
+    expected = [colours[n].flatten() / 255 for n in range(0, 32, 2)]
+    assert torch.allclose(torch.stack(centres), torch.stack(expected))
 
 
 def test_the_readme_code_classifies_images_with_a_best_pt_trained_on_a_gpu_as_training_saw_them(
