@@ -1658,11 +1658,10 @@ def cli(argv=None):
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
         print(next_step())
         return exit_code(interrupt)
-    except urllib.error.URLError as error:  # CIFAR-10's download has its own line: the weights'
-        file = cached_weights()
-        where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
-        reason = f"could not download the ImageNet weights ({error.reason})"
-        return fail(f"error: {reason}. Without internet, {where} PATH. {works_offline()}", 1)
+    except (urllib.error.URLError, ConnectionError) as error:  # CIFAR-10's has its own line
+        if active.run is not None:  # the downloads are done: a DataLoader worker's pipe, say
+            raise
+        return weights_not_downloaded(getattr(error, "reason", error.strerror))
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause
@@ -1675,9 +1674,7 @@ def cli(argv=None):
             "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
         )
     except RuntimeError as error:
-        if not str(error).startswith("DataLoader worker"):
-            raise  # anything else is a bug: keep its traceback
-        return worker_died(error)
+        return known_runtime_error(error)
     finally:
         remove_unfinished_folder()
         signal.signal(signal.SIGTERM, previous)
@@ -1686,6 +1683,24 @@ def cli(argv=None):
 def cached_weights():
     """Where torchvision keeps the ImageNet weights it downloads: torch's hub checkpoints."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+
+
+def known_runtime_error(error):
+    """One line for torch's RuntimeErrors that are no bug; anything else keeps its traceback."""
+    if str(error).startswith("invalid hash value"):  # torch.hub's check of the weights' file
+        return weights_not_downloaded("the file arrived damaged: its hash is wrong")
+    if str(error).startswith("DataLoader worker"):
+        return worker_died(error)
+    raise error
+
+
+def weights_not_downloaded(reason):
+    """One line: the ImageNet weights' download failed (no network, cut short), and where a copy
+    goes. torch.hub keeps no part of the file, so the next run downloads it anew."""
+    file = cached_weights()
+    where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
+    reason = f"could not download the ImageNet weights ({reason})"
+    return fail(f"error: {reason}. Without internet, {where} PATH. {works_offline()}", 1)
 
 
 def worker_died(error):

@@ -1,6 +1,7 @@
 """Offline, a failed or damaged download, or a damaged CIFAR-10 file: one line saying what to do,
 exit 1. A complete copy in a read-only folder is used as it is."""
 
+import email.message
 import errno
 import io
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch.hub
 from torchvision import datasets
 
+import fine_tuning as ft
 from conftest import PYTHON, run, tiny, trust
 
 
@@ -43,24 +45,65 @@ def test_offline_the_weights_download_says_where_to_put_the_file(
     assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
 
 
+class Download(io.BytesIO):
+    """What urlopen() gives: a file of x's, whose connection, if `cut`, resets after the first read
+    (and again on torchvision's retry)."""
+
+    url = None  # no redirect (torchvision)
+
+    def __init__(self, size, cut=False):
+        super().__init__(b"x" * size)
+        self.length = size  # torchvision's bar
+        self.cut = cut
+
+    def info(self):  # torch.hub's bar
+        return email.message.Message()
+
+    def read(self, size=-1):
+        if self.cut and self.tell() > 0:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return super().read(size)
+
+
 def test_a_connection_cut_during_the_cifar10_download_gets_the_same_line(
     tmp_path, capsys, monkeypatch
 ):
-    class Cut(io.BytesIO):  # the connection drops after the first bytes, and again on the retry
-        url = None  # no redirect
-        length = 170_498_071
-
-        def read(self, size=-1):
-            if self.tell() > 0:
-                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
-            return super().read(size)
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Cut(b"x" * 100_000))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Download(10**5, True))
     code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
     errors = [line for line in err.splitlines() if "error" in line]  # after torchvision's bar
     assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith("error: could not download CIFAR-10 (Connection reset by peer).")
     assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
+
+
+@pytest.mark.parametrize(
+    "cut, reason",
+    [(True, "Connection reset by peer"), (False, "the file arrived damaged: its hash is wrong")],
+)
+def test_a_weights_download_cut_short_or_damaged_gets_the_offline_line(
+    cut, reason, cifar_root, monkeypatch, tmp_path, capsys
+):
+    trust(monkeypatch, cifar_root / "md5.json")  # the data is there; the weights are not
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *args, **kwargs: Download(10**5, cut))
+    code, out, err = run(capsys, *tiny(cifar_root, tmp_path))
+    errors = [line for line in err.splitlines() if "error" in line]  # after torch's bar
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: could not download the ImageNet weights ({reason}).")
+    assert "or pass its path: --weights PATH" in errors[0]
+    assert not os.listdir(os.path.join(torch.hub.get_dir(), "checkpoints"))  # the next run: anew
+    assert not list(tmp_path.iterdir()), "no run folder"
+
+
+def test_a_connection_error_once_training_began_keeps_its_traceback(
+    real_files, monkeypatch, tmp_path
+):
+    def reset(*args, **kwargs):  # a DataLoader worker's pipe, say: no download of ours
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(ft, "train_one_epoch", reset)
+    with pytest.raises(ConnectionResetError):
+        ft.cli(tiny(real_files, tmp_path / "runs"))
+    assert not list((tmp_path / "runs").iterdir()), "the new run's folder is removed"
 
 
 def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_path, capsys):
@@ -74,11 +117,7 @@ def test_a_damaged_cifar10_file_offline_gets_one_line(own_data, real_files, tmp_
 
 
 def test_a_download_that_fails_its_md5_check_gets_one_line(tmp_path, capsys, monkeypatch):
-    class Response(io.BytesIO):  # a download that arrives, but damaged
-        url = None  # no redirect
-        length = 1000
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Response(b"x" * 1000))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Download(1000))
     code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
     errors = [line for line in err.splitlines() if "error" in line]  # after torchvision's bar
     assert code == 1 and len(errors) == 1
