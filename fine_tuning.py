@@ -1658,9 +1658,9 @@ def cli(argv=None):
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
         print(next_step())
         return exit_code(interrupt)
-    except (urllib.error.URLError, ConnectionError) as error:  # the weights' download failed
-        if active.run is not None:  # the downloads are done: a DataLoader worker's pipe, say
-            raise  # (CIFAR-10's download has its own line: read_cifar10())
+    except (urllib.error.URLError, ConnectionError) as error:  # the weights' (CIFAR-10's: its own)
+        if active.run is not None:
+            raise  # the downloads are done: a DataLoader worker's pipe, say
         return weights_not_downloaded(getattr(error, "reason", error.strerror))
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
