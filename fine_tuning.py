@@ -56,6 +56,7 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -560,6 +561,8 @@ HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of his
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
+PYTHON_ORG = f"/Applications/Python {sys.version_info.major}.{sys.version_info.minor}"  # on a Mac
+MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
 
 
 class SettingError(Exception):
@@ -589,6 +592,17 @@ def command(*args):
 
 def works_offline():
     return f"`{command('--dry-run')}` works offline."  # the hint of a failed download
+
+
+def download_reason(error):
+    """Why a download failed: a URLError's reason (no network, a proxy, a certificate) or a cut
+    connection's. Python from python.org on a Mac can check no server's certificate until its
+    Install Certificates.command has run: where that is the cause, the command."""
+    reason = getattr(error, "reason", error.strerror)
+    if isinstance(reason, ssl.SSLCertVerificationError) and MAC_CERTIFICATES.exists():
+        fix = shlex.quote(str(MAC_CERTIFICATES))
+        return f"{reason}; Python from python.org needs its certificates installed: run {fix}"
+    return reason
 
 
 # --- The command line: the constants are its defaults, so one path checks both --------------------
@@ -920,9 +934,8 @@ def read_cifar10(cfg):
         return load_cifar10(cfg.data_dir)
     except (urllib.error.URLError, ConnectionError) as error:  # no network, a proxy, an SSL or
         # HTTP error (URLError); a connection cut mid-download, even after torchvision's retry
-        reason = getattr(error, "reason", error.strerror)
         raise RunError(
-            f"could not download CIFAR-10 ({reason}). Without internet, put"
+            f"could not download CIFAR-10 ({download_reason(error)}). Without internet, put"
             f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {works_offline()}"
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed
@@ -1661,7 +1674,7 @@ def cli(argv=None):
     except (urllib.error.URLError, ConnectionError) as error:  # the weights' (CIFAR-10's: its own)
         if active.run is not None:
             raise  # the downloads are done: a DataLoader worker's pipe, say
-        return weights_not_downloaded(getattr(error, "reason", error.strerror))
+        return weights_not_downloaded(download_reason(error))
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
         if error.errno not in DISK_FULL:
             raise  # another: its traceback names the file and the cause

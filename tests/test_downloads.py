@@ -5,6 +5,8 @@ import email.message
 import errno
 import io
 import os
+import ssl
+import urllib.error
 import urllib.request
 
 import pytest
@@ -92,6 +94,41 @@ def test_a_weights_download_cut_short_or_damaged_gets_the_offline_line(
     assert "or pass its path: --weights PATH" in errors[0]
     assert not os.listdir(os.path.join(torch.hub.get_dir(), "checkpoints"))  # the next run: anew
     assert not list(tmp_path.iterdir()), "no run folder"
+
+
+@pytest.mark.parametrize(
+    "download, python_org",
+    [("CIFAR-10", True), ("the ImageNet weights", True), ("CIFAR-10", False)],
+)
+def test_a_certificate_python_cannot_check_names_python_orgs_fix_where_it_is_the_cause(
+    download, python_org, cifar_root, monkeypatch, tmp_path, capsys
+):
+    certificate = ssl.SSLCertVerificationError(
+        1,
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer"
+        " certificate (_ssl.c:1006)",
+    )
+
+    def refuse(*args, **kwargs):  # as urllib says it
+        raise urllib.error.URLError(certificate)
+
+    fix = tmp_path / "Applications" / "Python 3.12" / "Install Certificates.command"
+    if python_org:  # Python from python.org on a Mac: its certificates come by this command
+        fix.parent.mkdir(parents=True)
+        fix.touch()
+    monkeypatch.setattr(ft, "MAC_CERTIFICATES", fix)
+    data = tmp_path / "data"
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    if download == "the ImageNet weights":
+        trust(monkeypatch, cifar_root / "md5.json")  # the data is there; the weights are not
+        monkeypatch.setattr(torch.hub, "urlopen", refuse)
+        data = cifar_root
+    code, out, err = run(capsys, "--data-dir", data, "--output-dir", tmp_path / "runs")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    reason = f"could not download {download} ({certificate}"
+    hint = f"; Python from python.org needs its certificates installed: run '{fix}')."
+    assert errors[0].startswith(f"error: {reason}{hint if python_org else ').'} Without internet")
 
 
 def test_a_connection_error_once_training_began_keeps_its_traceback(
