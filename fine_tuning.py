@@ -561,7 +561,7 @@ HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of his
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
-PYTHON_ORG = f"/Applications/Python {sys.version_info.major}.{sys.version_info.minor}"  # on a Mac
+PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
 MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
 
 
