@@ -821,6 +821,8 @@ def read_saved_settings(cfg, given):
         value = getattr(cfg, name.lower())
         if str(value) != str(state["settings"][name]):
             cfg.resume_flags += [flag(name), value]
+    if "--output-dir" in given:  # last.pt's is not read back (a moved run's): repeat it too
+        cfg.resume_flags += ["--output-dir", cfg.output_dir]
     cfg.dry_run = state["dry_run"]
     cfg.checkpoint = state
 
@@ -1334,7 +1336,7 @@ def resume_command(run, *more):
     """The command that goes on with a run from its last.pt. A resume given a new EPOCHS, DATASET
     or DATA_DIR repeats them while epochs remain: until an epoch of this process completes, last.pt
     holds the old ones, and a pasted `--resume RUN` alone would train to the old EPOCHS, or look
-    for the data where it was."""
+    for the data where it was. An OUTPUT_DIR given is repeated too: summary.csv is there."""
     words = ["--resume", run.dir, *more]
     if len(run.history) < run.cfg.epochs:  # epochs remain (the history has a row for each done)
         words += run.cfg.resume_flags

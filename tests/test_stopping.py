@@ -323,6 +323,30 @@ def test_a_run_resumed_with_output_dir_adds_its_row_to_that_folders_summary(
     assert config["settings"]["OUTPUT_DIR"] == str(tmp_path / "runs")
 
 
+def test_a_resume_given_output_dir_and_stopped_again_prints_a_command_that_keeps_it(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    # last.pt's OUTPUT_DIR is not read back (a moved run's would point elsewhere): the printed
+    # command repeats the flag, so that the run's row still joins the runs it is compared with.
+    args = tiny(real_files, tmp_path / "scratch", "--epochs", "3", "--run-name", "r")
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        code, out, err = run(capsys, *args)
+    assert code == 130, err
+    run_dir = tmp_path / "scratch" / "r"
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)  # epoch 2, the resumed process's first, is cut
+        code, out, err = run(capsys, "--resume", run_dir, "--output-dir", tmp_path / "runs")
+    assert code == 130, err
+    command = f"{PYTHON} fine_tuning.py --resume {run_dir} --output-dir {tmp_path / 'runs'}"
+    assert out.endswith(f"resume with: {command}\n")
+    code, out, err = run(capsys, *command.split()[2:])
+    assert code == 0, err
+    assert not (tmp_path / "scratch" / "summary.csv").exists()
+    with open(tmp_path / "runs" / "summary.csv") as file:
+        assert [row["run"] for row in csv.DictReader(file)] == ["r"]
+
+
 def test_a_dataloader_worker_killed_before_an_epoch_completed_says_try_without_workers(
     tmp_path, capsys, monkeypatch
 ):
