@@ -1706,7 +1706,23 @@ def known_runtime_error(error):
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")
     if str(error).startswith("DataLoader worker"):
         return worker_died(error)
+    if "no kernel image is available" in str(error):  # CUDA's words: this torch lacks this GPU's
+        return no_kernels_for_this_gpu()
     raise error
+
+
+def no_kernels_for_this_gpu():
+    """One line: torch is built for a list of GPU generations (compute capabilities), and this GPU
+    is not on it: too old for this build (a Kaggle P100, a GTX 1080), or too new for an old one."""
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    built = " ".join(torch.cuda.get_arch_list())
+    return fail(
+        f"error: this torch ({torch.__version__}) has no kernels for this GPU ({name}, compute"
+        f" capability {major}.{minor}), only for {built}. Install a torch built for it (torch's"
+        " warning above may name one: https://pytorch.org/get-started/locally/), or another GPU",
+        1,
+    )
 
 
 def weights_not_downloaded(reason):

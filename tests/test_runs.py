@@ -342,6 +342,30 @@ def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch):
     )
 
 
+def test_a_gpu_this_torch_has_no_kernels_for_gets_one_line(tmp_path, capsys, monkeypatch):
+    # A Kaggle P100 (compute capability 6.0) with a torch built for 7.5 and newer: CUDA's error
+    # comes at the first kernel, here moving the model to the GPU.
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError(
+            "CUDA error: no kernel image is available for execution on the device\nCUDA kernel"
+            " errors might be asynchronously reported at some other API call"
+        )
+
+    monkeypatch.setattr(ft, "build_model", no_kernel)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_120"])
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
+    assert code == 1 and err == (
+        f"error: this torch ({torch.__version__}) has no kernels for this GPU"
+        " (Tesla P100-PCIE-16GB, compute capability 6.0), only for sm_75 sm_80 sm_120. Install a"
+        " torch built for it"
+        " (torch's warning above may name one: https://pytorch.org/get-started/locally/), or"
+        " another GPU\n"
+    )
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "error",
     [
