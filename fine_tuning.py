@@ -1706,7 +1706,7 @@ def known_runtime_error(error):
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")
     if str(error).startswith("DataLoader worker"):
         return worker_died(error)
-    if "no kernel image is available" in str(error):  # CUDA's words: this torch lacks this GPU's
+    if "no kernel image is available" in str(error):  # CUDA: this torch has none for this GPU
         return no_kernels_for_this_gpu()
     raise error
 
