@@ -67,6 +67,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+if sys.version_info < (3, 10):  # a Mac's own python3 is 3.9: said before torch is installed for it
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    sys.exit(f"error: this script needs Python 3.10 or newer, not {python} ({sys.executable})")
+
 try:
     import torch
     import torch.nn.functional as F
@@ -1765,12 +1769,8 @@ def fail(message, code):
 
 if __name__ == "__main__":
     torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    if sys.version_info < (3, 10) or torch_version < (2, 5):  # a Mac's own python3 is 3.9
-        python = ".".join(str(part) for part in sys.version_info[:3])
-        sys.exit(
-            "error: this script needs Python 3.10 and torch 2.5 or newer"
-            f" (found Python {python}, torch {torch.__version__})"
-        )
+    if torch_version < (2, 5):
+        sys.exit(f"error: this script needs torch 2.5 or newer, not {torch.__version__}")
     if PASTED:  # sys.argv is the notebook kernel's, and sys.exit() would show an exception
         cli([])
     else:
