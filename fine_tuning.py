@@ -602,7 +602,7 @@ def download_reason(error):
     """Why a download failed: a URLError's reason (no network, a proxy, a certificate) or a cut
     connection's. Python from python.org on a Mac can check no server's certificate until its
     Install Certificates.command has run: where that is the cause, the command."""
-    reason = getattr(error, "reason", error.strerror)
+    reason = getattr(error, "reason", error.strerror or error)  # RemoteDisconnected: no strerror
     if isinstance(reason, ssl.SSLCertVerificationError) and MAC_CERTIFICATES.exists():
         fix = shlex.quote(str(MAC_CERTIFICATES))
         return f"{reason}; Python from python.org needs its certificates installed: run {fix}"

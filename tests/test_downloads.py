@@ -3,6 +3,7 @@ exit 1. A complete copy in a read-only folder is used as it is."""
 
 import email.message
 import errno
+import http.client
 import io
 import os
 import ssl
@@ -67,14 +68,25 @@ class Download(io.BytesIO):
         return super().read(size)
 
 
+def closed_without_response(*args, **kwargs):  # a ConnectionResetError without an errno
+    raise http.client.RemoteDisconnected("Remote end closed connection without response")
+
+
+@pytest.mark.parametrize(
+    "urlopen, reason",
+    [
+        (lambda *args, **kwargs: Download(10**5, True), "Connection reset by peer"),
+        (closed_without_response, "Remote end closed connection without response"),
+    ],
+)
 def test_a_connection_cut_during_the_cifar10_download_gets_the_same_line(
-    tmp_path, capsys, monkeypatch
+    urlopen, reason, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Download(10**5, True))
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
     errors = [line for line in err.splitlines() if "error" in line]  # after torchvision's bar
     assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith("error: could not download CIFAR-10 (Connection reset by peer).")
+    assert errors[0].startswith(f"error: could not download CIFAR-10 ({reason}).")
     assert errors[0].endswith(f"`{PYTHON} fine_tuning.py --dry-run` works offline.")
 
 
