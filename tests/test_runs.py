@@ -359,9 +359,8 @@ def test_a_gpu_this_torch_has_no_kernels_for_gets_one_line(tmp_path, capsys, mon
     assert code == 1 and err == (
         f"error: this torch ({torch.__version__}) has no kernels for this GPU"
         " (Tesla P100-PCIE-16GB, compute capability 6.0), only for sm_75 sm_80 sm_120. Install a"
-        " torch built for it"
-        " (torch's warning above may name one: https://pytorch.org/get-started/locally/), or"
-        " another GPU\n"
+        " torch built for it (torch's warning above may name one:"
+        " https://pytorch.org/get-started/locally/), or another GPU\n"
     )
     assert not list(tmp_path.iterdir())
 

@@ -340,7 +340,7 @@ def test_a_resume_given_output_dir_and_stopped_again_prints_a_command_that_keeps
     assert code == 130, err
     command = f"{PYTHON} fine_tuning.py --resume {run_dir} --output-dir {tmp_path / 'runs'}"
     assert out.endswith(f"resume with: {command}\n")
-    code, out, err = run(capsys, *command.split()[2:])
+    code, out, err = run(capsys, *shlex.split(command)[2:])  # as a shell reads it
     assert code == 0, err
     assert not (tmp_path / "scratch" / "summary.csv").exists()
     with open(tmp_path / "runs" / "summary.csv") as file:
