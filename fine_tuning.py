@@ -567,6 +567,7 @@ PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
 PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
 MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
+IMAGE_FILES = (*datasets.folder.IMG_EXTENSIONS, ".jfif")  # .jfif: a JPEG as Windows saves one
 
 
 class SettingError(Exception):
@@ -1063,7 +1064,7 @@ def list_images(folder, classes=None):
     try:
         listing = ImageFolder(folder, loader=open_rgb, is_valid_file=is_image_file)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
-        types = " ".join(datasets.folder.IMG_EXTENSIONS)
+        types = " ".join(IMAGE_FILES)
         problem = str(error).strip()  # torchvision ends some with a space
         raise SettingError(f"DATASET (--dataset): {problem} (image files: {types})") from None
     if len(listing.classes) < 2:
@@ -1110,7 +1111,7 @@ def is_image_file(path):
     """ImageFolder's test, an image file's extension, for a file that is not hidden: copied by a
     Mac (tar, a USB stick), photo.jpg may come with ._photo.jpg, its metadata, which is no image."""
     name = os.path.basename(path)
-    is_image = datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
+    is_image = datasets.folder.has_file_allowed_extension(name, IMAGE_FILES)
     return is_image and not is_hidden(name)
 
 

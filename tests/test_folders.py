@@ -198,6 +198,17 @@ def test_the_files_that_are_no_image_by_their_extension_are_named_in_a_note(tmp_
     assert "3 .txt, 1 README\n" in out and "data: 18 train / 3 validation / 3 test" in out
 
 
+def test_jpegs_saved_as_jfif_are_read_as_images(tmp_path, capsys):
+    # Windows saves many a JPEG from the web as .jfif, which ImageFolder's extensions leave out.
+    root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
+    for i in range(4):
+        Image.new("RGB", (120, 90), (30 * i, 90, 200)).save(root / "dogs" / f"web{i}.JFIF", "JPEG")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "data: 16 train / 2 validation / 2 test (held out) images, 2 classes" in out  # 8 + 12
+    assert "not images by their extension: 2 .txt\n" in out  # the .JFIF files are not left out
+
+
 def test_a_class_of_iphone_photos_alone_is_refused_with_the_note_naming_them(tmp_path, capsys):
     # ImageFolder's error names the extensions it reads, not the files the class folder holds.
     root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
