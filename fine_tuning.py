@@ -1404,7 +1404,9 @@ def write_error(path, error):
     if run is not None and (run.dir / "last.pt").exists():
         kept = "The files of the last completed epoch are intact"
         then = f"then resume: {resume_command(run)}"
-    cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
+    cause = f"could not write {path} ({error.strerror})"  # Colab's Drive gone: not connected
+    if isinstance(error, PermissionError):  # Excel on Windows holds the file, or it is read-only
+        cause = f"could not write {path} ({error.strerror}: open in another program? read-only?)"
     action = "fix that"
     if error.errno in DISK_FULL:
         cause = f"the disk is full: could not write {path}"

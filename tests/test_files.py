@@ -285,6 +285,23 @@ def test_a_summary_csv_held_by_a_spreadsheet_costs_the_run_nothing(
     assert [row["run"] for row in read_rows(tmp_path / "summary.csv")] == ["held"]
 
 
+@pytest.mark.parametrize(
+    "error, cause",
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "Permission denied: open in another"),
+        (OSError(errno.ENOTCONN, "Transport endpoint is not connected"), "not connected)."),
+        (OSError(errno.EIO, "Input/output error"), "(Input/output error). No epoch was saved"),
+    ],
+)
+def test_a_file_that_cannot_be_written_is_told_by_its_cause(tmp_path, error, cause):
+    # Only a denied write hints at a program holding the file: Colab's Drive, disconnected, says
+    # "not connected"; a failing disk or USB stick, an I/O error.
+    message = str(ft.write_error(tmp_path / "history.csv", error))
+    assert message.startswith(f"could not write {tmp_path / 'history.csv'} (")
+    assert cause in message and message.endswith("fix that, then run the same command again")
+    assert ("another program" in message) == isinstance(error, PermissionError)
+
+
 def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     with monkeypatch.context() as windows:  # undone before the assert: pytest's report needs os
         windows.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
