@@ -698,8 +698,14 @@ def weights_setting(text):
 
 
 def brief(error):
-    """What an exception says, in one line: torch's can take a paragraph."""
-    return textwrap.shorten(f"{type(error).__name__}: {error}", 240, placeholder=" ...")
+    """What an exception says, in one line: torch's can take a paragraph. Of a weights-only load's
+    refusal, what it found (a ResNet object: the whole model saved), not its advice to load the
+    file unsafely."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(\.\s|\n|$)", text)
+    if found:
+        text = found[1]
+    return textwrap.shorten(f"{type(error).__name__}: {text}", 240, placeholder=" ...")
 
 
 def constant_text(name):
