@@ -1697,10 +1697,6 @@ def cli(argv=None):
         room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
         full = f"the disk is full ({error.strerror}): {room}"
         return fail(f"error: {full}. Free some space, then run the same command again", 1)
-    except torch.cuda.OutOfMemoryError:
-        return fail(
-            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
-        )
     except RuntimeError as error:
         return known_runtime_error(error)
     finally:
@@ -1715,6 +1711,11 @@ def cached_weights():
 
 def known_runtime_error(error):
     """One line for torch's RuntimeErrors that are no bug; anything else keeps its traceback."""
+    mac_gpu_full = "MPS backend out of memory" in str(error)  # a RuntimeError, not CUDA's class
+    if isinstance(error, torch.cuda.OutOfMemoryError) or mac_gpu_full:
+        return fail(
+            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
+        )
     if str(error).startswith("invalid hash value"):  # torch.hub's check of the weights' file
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")
     if str(error).startswith("DataLoader worker"):

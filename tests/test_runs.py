@@ -331,9 +331,19 @@ def test_a_nan_loss_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "nan").exists()
 
 
-def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(  # a Mac's GPU: torch raises a plain RuntimeError
+            "MPS backend out of memory (MPS allocated: 5.20 GB, other allocations: 1.02 GB, max"
+            " allowed: 6.80 GB). Tried to allocate 784.00 MB on private pool."
+        ),
+    ],
+)
+def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch, error):
     def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(ft, "train_one_epoch", out_of_memory)
     code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
