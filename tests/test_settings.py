@@ -291,6 +291,10 @@ def weights_files(folder):
         torch.save(content, paths[name])
     paths["garbage"] = folder / "garbage.pt"
     paths["garbage"].write_bytes(b"not a checkpoint" * 100)
+    paths["text"] = folder / "text.pt"  # a server's error page, whose letters torch reads as
+    paths["text"].write_bytes(b"error code: 1020")  # pickle instructions: an IndexError
+    paths["hello"] = folder / "hello.pt"
+    paths["hello"].write_bytes(b"hello")  # a KeyError
     paths["empty"] = folder / "empty.pt"  # a copy that failed
     paths["empty"].write_bytes(b"")
     return paths
@@ -307,6 +311,8 @@ def test_a_weights_file_that_is_not_resnet18_weights_gets_one_line(tmp_path, cap
         "not resnet18": 'Unexpected key(s) in state_dict: "layer1.2.conv1.weight"',
         "missing": 'Missing key(s) in state_dict: "layer4.1.conv1.weight"',
         "garbage": "(UnpicklingError: Unsupported operand 110)",  # "n": no pickle's opcode
+        "text": "(IndexError: ",
+        "hello": "(KeyError: ",
         "empty": "(EOFError",
         "no file": "(FileNotFoundError: ",
     }
