@@ -686,13 +686,12 @@ def weights_setting(text):
     if text.upper() == "IMAGENET1K_V1":
         return "IMAGENET1K_V1"
     not_weights = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError)
-    not_weights += (IndexError, KeyError)  # a text file: its letters read as pickle instructions
+    not_weights += (IndexError, KeyError)  # a text file ("error code: 1020"), read as a pickle
     try:
         load_backbone(models.resnet18(), folder(text))
     except not_weights as error:
         # no such file; the strict load's missing, unknown or misshapen weights; pickled objects
-        # (which could run code) or a damaged file; a list or a tensor (it has no .items()); a
-        # text file, as a server's "error code: 1020"
+        # (which could run code) or a damaged file; a list or a tensor (it has no .items())
         raise argparse.ArgumentTypeError(
             f"'{text}' is not allowed: expected IMAGENET1K_V1, none, or a file saved by torch.save("
             f"model.state_dict(), path) of a ResNet18, as a run's best.pt ({brief(error)})"
