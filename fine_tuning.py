@@ -1713,16 +1713,17 @@ def cached_weights():
 
 def known_runtime_error(error):
     """One line for torch's RuntimeErrors that are no bug; anything else keeps its traceback."""
-    mac_gpu_full = "MPS backend out of memory" in str(error)  # a RuntimeError, not CUDA's class
+    message = str(error)
+    mac_gpu_full = "MPS backend out of memory" in message  # a RuntimeError, not CUDA's class
     if isinstance(error, torch.cuda.OutOfMemoryError) or mac_gpu_full:
         return fail(
             "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
         )
-    if str(error).startswith("invalid hash value"):  # torch.hub's check of the weights' file
+    if message.startswith("invalid hash value"):  # torch.hub's check of the weights' file
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")
-    if str(error).startswith("DataLoader worker"):
+    if message.startswith("DataLoader worker"):
         return worker_died(error)
-    if "no kernel image is available" in str(error):  # CUDA: this torch has none for this GPU
+    if "no kernel image is available" in message:  # CUDA: this torch has none for this GPU
         return no_kernels_for_this_gpu()
     raise error
 
