@@ -879,23 +879,23 @@ def check_splits(labels, classes, cfg, test_held_out):
     if test_held_out:
         labels = labels[stratified_split(labels, cfg.val_fraction)[0]]
     kept, held_out = stratified_split(labels, cfg.val_fraction)
-    per_class = torch.bincount(labels[kept], minlength=len(classes))
+    per_class = torch.bincount(labels[kept], minlength=len(classes)).tolist()  # ints of any size
     fraction = f"VAL_FRACTION (--val-fraction) = {cfg.val_fraction}"
     if len(held_out) == 0:
         raise SettingError(f"{fraction} leaves 0 validation images; both splits must keep some")
-    if per_class.min() == 0:
-        raise SettingError(f"{fraction} leaves {classes[per_class.argmin()]} no training image")
-    if cfg.train_per_class != "all" and cfg.train_per_class > per_class.max():
+    if min(per_class) == 0:
+        raise SettingError(f"{fraction} leaves {classes[per_class.index(0)]} no training image")
+    if cfg.train_per_class != "all" and cfg.train_per_class > max(per_class):
         raise SettingError(
             f"TRAIN_PER_CLASS (--train-per-class) = {cfg.train_per_class} is not allowed: only"
-            f" {per_class.max():,} training images per class remain after the validation split"
+            f" {max(per_class):,} training images per class remain after the validation split"
         )
     if cfg.train_per_class != "all":
-        per_class = per_class.clamp(max=cfg.train_per_class)
-    if cfg.batch_size > per_class.sum():
+        per_class = [min(n, cfg.train_per_class) for n in per_class]
+    if cfg.batch_size > sum(per_class):
         raise SettingError(
             f"BATCH_SIZE (--batch-size) = {cfg.batch_size} is not allowed: the training split"
-            f" has only {per_class.sum():,} images"
+            f" has only {sum(per_class):,} images"
         )
 
 

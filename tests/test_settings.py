@@ -89,6 +89,14 @@ BAD_FLAGS = [  # a flag, and what the one line says
     ),
     ("--val-fraction 0.0001", "VAL_FRACTION (--val-fraction) = 0.0001 leaves 0 validation images"),
     ("--train-per-class 4600", "(--train-per-class) = 4600 is not allowed: only 4,500 training"),
+    (
+        "--train-per-class 99999999999999999999",  # beyond int64: compared as a Python int
+        "(--train-per-class) = 99999999999999999999 is not allowed: only 4,500 training",
+    ),
+    (
+        "--batch-size 99999999999999999999",
+        "BATCH_SIZE (--batch-size) = 99999999999999999999 is not allowed: the training split has",
+    ),
     ("--val-fraction 0.99999", "VAL_FRACTION (--val-fraction) = 0.99999 leaves airplane no train"),
     (
         "--train-per-class 2",
