@@ -1007,27 +1007,47 @@ def read_folder(cfg):
             )
     listing = list_images(train_root)
     cfg.classes = listing.classes
-    count = len(listing)
+    files = [path for path, _ in listing.samples]
     if test_root is not None:
-        count += len(list_images(test_root, listing.classes))
-    ## Photos are stored at IMAGE_SIZE, smaller images at their own size (the median of 9 or so):
-    ## a 32 px image upsampled in memory would take 49x the room for nothing.
-    every = max(1, len(listing) // 9)
-    sides = [min(open_rgb(path).size) for path, _ in listing.samples[::every]]
-    own_size = int(statistics.median(sides))
-    if cfg.image_size == "auto":
-        cfg.image_size = auto_image_size(own_size)
-    stored = min(cfg.image_size, own_size)
-    check_memory(count, stored, root)
-    check_splits(torch.tensor(listing.targets), listing.classes, cfg, test_root is None)
-    if cfg.dry_run:
-        print(f"dry run: your images, random weights, batches per phase: {DRY_RUN_BATCHES}")
-    full_train_set, _ = load_image_folder(train_root, stored)
-    if test_root is None:
-        full_train_set, test_set = split_off(full_train_set, cfg.val_fraction)
-        return full_train_set, test_set, " (held out)"
-    test_set, _ = load_image_folder(test_root, stored)
-    return full_train_set, test_set, f" ({test_root.name}/)"
+        files += [path for path, _ in list_images(test_root, listing.classes).samples]
+    try:
+        ## Photos are stored at IMAGE_SIZE, smaller images at their own size (the median of 9 or
+        ## so): a 32 px image upsampled in memory would take 49x the room for nothing.
+        every = max(1, len(listing) // 9)
+        sides = [min(open_rgb(path).size) for path, _ in listing.samples[::every]]
+        own_size = int(statistics.median(sides))
+        if cfg.image_size == "auto":
+            cfg.image_size = auto_image_size(own_size)
+        stored = min(cfg.image_size, own_size)
+        check_memory(len(files), stored, root)
+        check_splits(torch.tensor(listing.targets), listing.classes, cfg, test_root is None)
+        if cfg.dry_run:
+            print(f"dry run: your images, random weights, batches per phase: {DRY_RUN_BATCHES}")
+        full_train_set, _ = load_image_folder(train_root, stored)
+        if test_root is None:
+            full_train_set, test_set = split_off(full_train_set, cfg.val_fraction)
+            return full_train_set, test_set, " (held out)"
+        test_set, _ = load_image_folder(test_root, stored)
+        return full_train_set, test_set, f" ({test_root.name}/)"
+    except RunError as error:  # open_rgb(): an image that cannot be read. Are there more?
+        raise unreadable_images(files, error) from None
+
+
+def unreadable_images(files, error):
+    """The first image that cannot be read stops the reading. Of a folder with more (a scraper's
+    web pages saved as .jpg, downloads cut short), each is printed, so that one run names all."""
+    failed = []
+    for path in progress_bar(files, "checking every image"):
+        try:
+            open_rgb(path, size=32)  # a JPEG at 1/8 scale: quick, and still decoded whole
+        except RunError as unreadable:
+            failed.append(unreadable)
+    if len(failed) < 2:
+        return error
+    for unreadable in failed:
+        print(unreadable)
+    many = f"cannot read {len(failed):,} of the {len(files):,} images (listed above)"
+    return RunError(f"{many}: delete or replace them")
 
 
 def split_folders(root):

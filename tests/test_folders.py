@@ -295,12 +295,31 @@ def test_an_image_that_cannot_be_read_is_named_and_exits_1(tmp_path, capsys):
     assert err.endswith("): delete or replace it\n")
 
 
-def test_an_image_too_large_for_pil_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
-    root = write_image_folder(tmp_path / "photos")
-    monkeypatch.setattr(ft.Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses twice this: a "bomb"
+def test_several_images_that_cannot_be_read_are_all_named_in_one_run(tmp_path, capsys):
+    root = tmp_path / "scraped"
+    write_image_folder(root / "train")
+    write_image_folder(root / "test", per_class=3)
+    jpeg = root / "train" / "ants" / "0.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:400])  # a download cut short
+    (root / "train" / "bees" / "5.jpg").write_text("<!DOCTYPE html><html>Access denied</html>")
+    (root / "test" / "wasps" / "1.png").write_bytes(b"")  # an empty file
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: cannot read the image ") and "decompression bomb" in err
+    assert err == "error: cannot read 3 of the 33 images (listed above): delete or replace them\n"
+    for path in (jpeg, root / "train" / "bees" / "5.jpg", root / "test" / "wasps" / "1.png"):
+        assert f"cannot read the image {path} (" in out
+    assert out.count("cannot read the image") == 3
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_image_too_large_for_pil_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
+    root = write_image_folder(tmp_path / "photos")
+    Image.new("RGB", (200, 200)).save(root / "ants" / "huge.png")  # the others: <= 15,360 pixels
+    monkeypatch.setattr(ft.Image, "MAX_IMAGE_PIXELS", 16_000)  # PIL refuses twice this: a "bomb"
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: cannot read the image {root / 'ants' / 'huge.png'} (")
+    assert "decompression bomb" in err
 
 
 def test_a_folder_too_large_for_memory_says_how_large_and_what_to_change(
