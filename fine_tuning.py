@@ -1120,6 +1120,7 @@ def note_unused_files(folder):
                 unused[os.path.splitext(name)[1].lower() or name] += 1
     if unused:
         kinds = ", ".join(f"{count:,} {kind}" for kind, count in sorted(unused.items()))
+        kinds = textwrap.shorten(kinds, 200, placeholder=" ...")  # extensionless files: each named
         print(f"note: {folder}: not used, not images by their extension: {kinds}")
 
 

@@ -198,6 +198,17 @@ def test_the_files_that_are_no_image_by_their_extension_are_named_in_a_note(tmp_
     assert "3 .txt, 1 README\n" in out and "data: 18 train / 3 validation / 3 test" in out
 
 
+def test_the_note_on_files_without_an_extension_stays_one_short_line(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "photos")  # and 60 photos saved by URL: no extension
+    for i in range(60):
+        Image.new("RGB", (40, 30)).save(root / "bees" / f"photo-{i}", "JPEG")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    note = next(line for line in out.splitlines() if line.startswith("note: "))
+    assert note.startswith(f"note: {root}: not used, not images by their extension: 3 .txt, ")
+    assert note.endswith(" ...") and len(note) < 200 + len(str(root)) + 60
+
+
 def test_jpegs_saved_as_jfif_are_read_as_images(tmp_path, capsys):
     # Windows saves many a JPEG from the web as .jfif, which ImageFolder's extensions leave out.
     root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
