@@ -828,7 +828,7 @@ def read_saved_settings(cfg, given):
     cfg.data_dir = Path(cfg.data_dir)
     if "--output-dir" not in given:
         cfg.output_dir = cfg.resume.parent  # summary.csv beside the run folder, wherever it is
-    if "--epochs" in given and cfg.epochs <= state["epoch"]:
+    if "--epochs" in given and cfg.epochs < state["epoch"]:  # as many as done: on to the test
         raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
     for name in ("EPOCHS", "DATASET", "DATA_DIR"):  # resume commands repeat them: resume_command()
         value = getattr(cfg, name.lower())
@@ -1368,13 +1368,10 @@ def files_in(folder):
 
 def resume_command(run, *more):
     """The command that goes on with a run from its last.pt. A resume given a new EPOCHS, DATASET
-    or DATA_DIR repeats them while epochs remain: until an epoch of this process completes, last.pt
-    holds the old ones, and a pasted `--resume RUN` alone would train to the old EPOCHS, or look
-    for the data where it was. An OUTPUT_DIR given is repeated too: summary.csv is there."""
-    words = ["--resume", run.dir, *more]
-    if len(run.history) < run.cfg.epochs:  # epochs remain (the history has a row for each done)
-        words += run.cfg.resume_flags
-    return command(*words)
+    or DATA_DIR repeats them: until an epoch of this process completes, last.pt holds the old ones,
+    and a pasted `--resume RUN` alone would train to the old EPOCHS, or look for the data where it
+    was. An OUTPUT_DIR given is repeated too: last.pt's is not read back; summary.csv is there."""
+    return command("--resume", run.dir, *more, *run.cfg.resume_flags)
 
 
 def next_step():

@@ -268,20 +268,24 @@ def test_a_resume_given_new_settings_stopped_in_its_first_epoch_repeats_them_in_
     assert json.loads((run_dir / "config.json").read_text())["settings"]["DATA_DIR"] == str(data)
 
 
-def test_a_resume_given_new_settings_whose_epochs_all_ran_prints_a_command_without_them(
+def test_a_resume_given_new_settings_whose_epochs_all_ran_repeats_them_and_goes_to_the_test(
     tmp_path, capsys, monkeypatch
 ):
-    # Resumed to train on to epoch 3, which completes; Ctrl-C in the test. last.pt holds
-    # EPOCHS 3 now, and `--epochs 3` would be refused: "the run has done 3".
+    # Resumed to train on to epoch 3, which completes, its summary.csv in another folder;
+    # Ctrl-C in the test. `--epochs 3`, as many as done, goes straight to the test.
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    given = ["--epochs", "3", "--output-dir", tmp_path / "compared"]
     with monkeypatch.context() as patch:
         ctrl_c_in_the_test(patch)
-        code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
+        code, out, err = run(capsys, "--resume", run_dir, *given)
     assert code == 130, err
-    go_on = ft.command("--resume", run_dir)
+    go_on = ft.command("--resume", run_dir, *given)
     assert out.splitlines()[-1] == f"resume with: {go_on}"
     code, out, err = run(capsys, *shlex.split(go_on)[2:])  # as pasted
     assert code == 0 and "stopped: all epochs ran (EPOCHS = 3)" in out, err
+    assert "epoch  train loss" not in out and len(history(run_dir)) == 3  # no epoch trained
+    config = json.loads((run_dir / "config.json").read_text())  # a dry run: no summary.csv row
+    assert config["settings"]["OUTPUT_DIR"] == str(tmp_path / "compared")
 
 
 def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
@@ -398,8 +402,12 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, capsys, monkey
     free = "only --epochs, --dataset, --data-dir, --output-dir and --num-workers may change"
     assert f"{free}, not --head-lr" in err
     run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 2)  # epoch 2 completes: last.pt holds 2 done
+        code, out, err = run(capsys, "--resume", run_dir, "--epochs", "3")
+    assert code == 130 and "resume with: " in out, err
     code, _, err = run(capsys, "--resume", run_dir, "--epochs=1")  # a free setting, = or not
-    assert code == 2 and err.endswith("EPOCHS (--epochs) = 1: the run has done 1\n")
+    assert code == 2 and err.endswith("EPOCHS (--epochs) = 1: the run has done 2\n")
     other = write_image_folder(tmp_path / "insects", per_class=20)  # may move, not change classes
     code, _, err = run(capsys, "--resume", run_dir, "--dataset", other)
     assert code == 2 and len(err.splitlines()) == 1
