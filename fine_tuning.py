@@ -496,7 +496,7 @@ class EarlyStopping:
 
 
 # === 8. The story of a run ========================================================================
-def main(argv=None):
+def main(argv=()):
     """Settings, data, model, freezing, optimizer; epochs with early stopping; the test."""
     cfg = parse_settings(argv)  # the constants above, overridden by flags, or a run's to --resume
     device, amp_dtype = choose_device()
@@ -776,9 +776,10 @@ def settings_parser():
     return parser
 
 
-def parse_settings(argv=None):
-    """The checked settings, named in lower case (cfg.epochs), as main() uses them."""
-    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+def parse_settings(argv=()):
+    """The checked settings, named in lower case (cfg.epochs), as main() uses them: the constants,
+    and the flags in argv. Not sys.argv: main() called in a notebook would read the kernel's."""
+    argv = [str(arg) for arg in argv]
     cfg, unknown = settings_parser().parse_known_args(argv)
     if unknown:
         known = [flag(name) for name in SETTINGS] + ["--dry-run", "--run-name", "--resume"]
@@ -1693,7 +1694,7 @@ def sigterm_as_ctrl_c(signum, frame):
     raise KeyboardInterrupt("SIGTERM")  # a scheduler's stop, or `timeout`: handled as Ctrl-C
 
 
-def cli(argv=None):
+def cli(argv=()):
     """main(), with exit codes: 0 done, 1 something outside the code failed, 2 a bad setting,
     130 Ctrl-C, 143 SIGTERM. Wherever it stops, the run folder is resumable, finished, or gone."""
     previous = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
@@ -1803,6 +1804,6 @@ if __name__ == "__main__":
     if torch_version < (2, 5):
         sys.exit(f"error: this script needs torch 2.5 or newer, not {torch.__version__}")
     if PASTED:  # sys.argv is the notebook kernel's, and sys.exit() would show an exception
-        cli([])
+        cli()
     else:
-        sys.exit(cli())
+        sys.exit(cli(sys.argv[1:]))

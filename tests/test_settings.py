@@ -261,6 +261,15 @@ def test_the_script_pasted_into_a_notebook_cell_runs_on_its_edited_constants(
     )
 
 
+def test_main_imported_into_a_notebook_takes_the_constants_not_the_kernels_command_line(
+    monkeypatch,
+):
+    # `import fine_tuning; fine_tuning.main()` in Jupyter: sys.argv is the kernel's.
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    monkeypatch.setattr(ft, "EPOCHS", 4)
+    assert ft.parse_settings().epochs == 4
+
+
 def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):
     monkeypatch.delattr(ft, "PATIENCE")
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
