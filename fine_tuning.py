@@ -865,7 +865,7 @@ def check_together(cfg):
         frozen = BLOCKS[: BLOCKS.index(cfg.freeze_until) + 1]
     for epoch, block in cfg.unfreeze_schedule.items():
         pair = f"UNFREEZE_SCHEDULE (--unfreeze-schedule): {epoch}:{block} is not allowed"
-        if not 1 <= epoch <= cfg.epochs:
+        if not 1 <= epoch <= cfg.epochs and cfg.resume is None:  # a resume may end before it
             raise SettingError(f"{pair}: epoch {epoch} is outside 1..{cfg.epochs} (EPOCHS)")
         if block not in frozen:
             raise SettingError(f"{pair}: {block} is trainable by then; name a frozen block")
@@ -1288,12 +1288,12 @@ class Run:
         cfg = self.cfg
         if self.interrupted is not None:
             return f"interrupted ({(self.interrupted.args or ['Ctrl-C'])[0]})"
-        if not self.stopper.should_stop:
-            return f"all epochs ran (EPOCHS = {cfg.epochs})"
-        reason = (
-            f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
-            f" by more than {cfg.min_delta:g} since then (PATIENCE = {cfg.patience})"
-        )
+        reason = f"all epochs ran (EPOCHS = {cfg.epochs})"
+        if self.stopper.should_stop:
+            reason = (
+                f"early stopping: {cfg.monitor} did not improve on epoch {self.stopper.best_epoch}"
+                f" by more than {cfg.min_delta:g} since then (PATIENCE = {cfg.patience})"
+            )
         done = self.history[-1]["epoch"]
         later = {epoch: block for epoch, block in cfg.unfreeze_schedule.items() if epoch > done}
         if later:

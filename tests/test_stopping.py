@@ -288,6 +288,16 @@ def test_a_resume_given_new_settings_whose_epochs_all_ran_repeats_them_and_goes_
     assert config["settings"]["OUTPUT_DIR"] == str(tmp_path / "compared")
 
 
+def test_a_resume_may_end_a_run_before_its_scheduled_unfreezing(tmp_path, capsys, monkeypatch):
+    # Stopped after epoch 1 of 4, with layer2 to be released at epoch 3: enough, to the test.
+    schedule = ["--epochs", "4", "--unfreeze-schedule", "3:layer2"]
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch, *schedule)
+    code, out, err = run(capsys, "--resume", run_dir, "--epochs", "1")
+    assert code == 0, err
+    assert "stopped: all epochs ran (EPOCHS = 1); the scheduled unfreezing 3:layer2" in out
+    assert "unfreezing layer2" not in out
+
+
 def test_a_moved_project_resumes_and_adds_to_the_summary_beside_the_run(
     real_files, tmp_path, capsys, monkeypatch
 ):
