@@ -1734,9 +1734,11 @@ def known_runtime_error(error):
     """One line for torch's RuntimeErrors that are no bug; anything else keeps its traceback."""
     message = str(error)
     mac_gpu_full = "MPS backend out of memory" in message  # a RuntimeError, not CUDA's class
-    if isinstance(error, torch.cuda.OutOfMemoryError) or mac_gpu_full:
+    ram_full = "DefaultCPUAllocator" in message  # Windows says so; Linux mostly kills the process
+    if isinstance(error, torch.cuda.OutOfMemoryError) or mac_gpu_full or ram_full:
+        device = "this machine" if ram_full else "the GPU"
         return fail(
-            "error: the GPU ran out of memory. Try a smaller --batch-size or --image-size", 1
+            f"error: {device} ran out of memory. Try a smaller --batch-size or --image-size", 1
         )
     if message.startswith("invalid hash value"):  # torch.hub's check of the weights' file
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")

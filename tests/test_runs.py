@@ -352,6 +352,32 @@ def test_a_gpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch, error)
     )
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        None,  # this machine's own refusal: Linux refuses what no memory could hold
+        RuntimeError(  # Windows, which has no overcommit, refuses what does not fit now
+            "[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: not enough memory: you"
+            " tried to allocate 411041792 bytes."
+        ),
+    ],
+)
+def test_the_cpu_out_of_memory_gets_one_line(tmp_path, capsys, monkeypatch, error):
+    # On Windows, photos at 224 px on a laptop's CPU with a large --batch-size: torch's allocator
+    # raises a RuntimeError (Linux mostly lets the kernel kill the process instead).
+    def out_of_memory(*args, **kwargs):
+        if error is not None:
+            raise error
+        torch.empty(2**46)  # 256 TiB of float32, more than any address space holds
+
+    monkeypatch.setattr(ft, "train_one_epoch", out_of_memory)
+    code, out, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
+    assert code == 1 and err == (
+        "error: this machine ran out of memory. Try a smaller --batch-size or --image-size\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no epoch completed: the run folder is removed
+
+
 def test_a_gpu_this_torch_has_no_kernels_for_gets_one_line(tmp_path, capsys, monkeypatch):
     # A Kaggle P100 (compute capability 6.0) with a torch built for 7.5 and newer: CUDA's error
     # comes at the first kernel, here moving the model to the GPU.
