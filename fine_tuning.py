@@ -1036,7 +1036,7 @@ def read_folder(cfg):
 
 def unreadable_images(files, error):
     """The first image that cannot be read stops the reading. Of a folder with more (a scraper's
-    web pages saved as .jpg, downloads cut short), each is printed, so that one run names all."""
+    web pages saved as .jpg, downloads cut short), up to 50 are printed: one run names them."""
     failed = []
     for path in progress_bar(files, "checking every image"):
         try:
@@ -1045,9 +1045,10 @@ def unreadable_images(files, error):
             failed.append(unreadable)
     if len(failed) < 2:
         return error
-    for unreadable in failed:
+    shown = failed[:50]  # not thousands: a repository cloned without Git LFS has no image
+    for unreadable in shown:
         print(unreadable)
-    many = f"cannot read {len(failed):,} of the {len(files):,} images (listed above)"
+    many = f"cannot read {len(failed):,} of the {len(files):,} images ({len(shown)} listed above)"
     return RunError(f"{many}: delete or replace them")
 
 

@@ -316,11 +316,25 @@ def test_several_images_that_cannot_be_read_are_all_named_in_one_run(tmp_path, c
     (root / "test" / "wasps" / "1.png").write_bytes(b"")  # an empty file
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert err == "error: cannot read 3 of the 33 images (listed above): delete or replace them\n"
+    assert err == "error: cannot read 3 of the 33 images (3 listed above): delete or replace them\n"
     for path in (jpeg, root / "train" / "bees" / "5.jpg", root / "test" / "wasps" / "1.png"):
         assert f"cannot read the image {path} (" in out
     assert out.count("cannot read the image") == 3
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_of_unreadable_images_names_50_not_thousands(tmp_path, capsys):
+    # A dataset repository cloned without git-lfs: every image is a small text file, a pointer.
+    root = write_image_folder(tmp_path / "cloned", per_class=20)
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a21\nsize 3019\n"
+    for image in root.glob("*/[0-9]*.*"):
+        image.write_text(pointer)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 1
+    assert (
+        err == "error: cannot read 60 of the 60 images (50 listed above): delete or replace them\n"
+    )
+    assert out.count("cannot read the image") == 50
 
 
 def test_an_image_too_large_for_pil_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
