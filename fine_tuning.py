@@ -1416,11 +1416,23 @@ def written(path):
             yield file
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        replace(temporary, path)
     except OSError as error:
         raise write_error(path, error) from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def replace(source, target):
+    """os.replace, tried again for a second when refused, as pip does: on Windows an antivirus
+    scan, the search indexer or OneDrive may hold a file just written for a moment."""
+    for _ in range(4):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:  # "Access is denied", or a file in use (WinError 5, 32)
+            time.sleep(0.25)
+    os.replace(source, target)  # a file held longer (open in Excel, say): write_error() tells
 
 
 def write_error(path, error):

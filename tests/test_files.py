@@ -71,6 +71,34 @@ def test_a_file_is_on_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["history.csv"]
 
 
+@pytest.mark.parametrize("refusals, written", [(3, True), (10, False)])
+def test_a_file_held_for_a_moment_is_renamed_once_free_and_one_held_on_gets_one_line(
+    refusals, written, tmp_path, monkeypatch
+):
+    # On Windows an antivirus scan, the search indexer or OneDrive opens a file just written, for
+    # a moment: its rename fails with "Access is denied" (WinError 5, or 32: in use). Tried again
+    # for a second, as pip does; a file held longer (Excel) is told in one line, as before.
+    replace = os.replace
+    tries = []
+
+    def held(source, target):
+        tries.append(target)
+        if len(tries) <= refusals:
+            raise PermissionError(errno.EACCES, "Access is denied")
+        replace(source, target)
+
+    (tmp_path / "history.csv").write_text("epoch\n1\n")
+    monkeypatch.setattr(os, "replace", held)
+    if written:
+        ft.write_text(tmp_path / "history.csv", "epoch\n1\n2\n")
+    else:
+        with pytest.raises(ft.RunError, match="history.csv .Access is denied: open in another"):
+            ft.write_text(tmp_path / "history.csv", "epoch\n1\n2\n")
+    assert (tmp_path / "history.csv").read_text() == ("epoch\n1\n2\n" if written else "epoch\n1\n")
+    assert os.listdir(tmp_path) == ["history.csv"]  # no temporary file left
+    assert len(tries) == (refusals + 1 if written else 5)  # 4 more tries, 0.25 s apart
+
+
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_a_disk_that_fills_while_a_checkpoint_is_written_gets_one_line_and_loses_nothing(
     name, tmp_path, capsys, monkeypatch
