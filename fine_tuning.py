@@ -580,8 +580,9 @@ class RunError(Exception):
 
 def command(*args):
     """A command to paste: python fine_tuning.py ARGS, each quoted for the shell, named by the
-    interpreter that runs it (python3, say); or, for the script pasted into a notebook, the call
-    for a new cell: cli([ARGS])."""
+    interpreter that runs it (python3, say), or by its path where that name runs another (a venv
+    not activated, Windows' py launcher); or, for the script pasted into a notebook, the call for
+    a new cell: cli([ARGS])."""
     words = [str(arg) for arg in args]
     if PASTED:
         return f"cli({words!r})"
@@ -589,6 +590,9 @@ def command(*args):
     if os.path.dirname(__file__) != os.getcwd():  # run by its path from elsewhere: that path
         script = __file__
     python = os.path.basename(sys.executable).removesuffix(".exe") or "python"  # python3, say
+    runs = shutil.which(python) or ""  # the Python that name runs here: this one, or another
+    if sys.executable and os.path.normcase(runs) != os.path.normcase(sys.executable):
+        python = sys.executable
     words = [python, script, *words]
     if os.name == "nt":
         return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others

@@ -26,7 +26,10 @@ import fine_tuning as ft  # noqa: E402
 from fake_cifar10 import trusted_md5, write_cifar10  # noqa: E402
 
 LAUNCHER = [sys.executable, str(ROOT / "tests" / "launcher.py")]
-PYTHON = os.path.basename(sys.executable)  # the interpreter's name, as printed commands begin
+# As in an activated venv, the interpreter's folder comes first on PATH: its name runs it, and
+# printed commands begin with that name (a venv run by its path: test_files.py)
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+PYTHON = os.path.basename(sys.executable)
 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a script
     # (nohup, `&`): SIGINT ignored, and inherited by the scripts the tests start. The Ctrl-C tests

@@ -335,15 +335,28 @@ def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
         windows.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
         windows.setattr(ft.os, "path", ntpath)
         windows.setattr(ft.sys, "executable", "C:\\Python312\\python.exe")  # printed: python
+        windows.setattr(ft.shutil, "which", lambda name: f"C:\\Python312\\{name}.EXE")  # PATHEXT's
         command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
+        py_launcher = "C:\\Program Files\\Python312\\python.exe"  # `py fine_tuning.py`
+        windows.setattr(ft.sys, "executable", py_launcher)
+        windows.setattr(ft.shutil, "which", lambda name: None)  # and no python on PATH
+        by_path = ft.command("--dry-run")
     assert command == 'python fine_tuning.py --resume "C:\\my runs\\it\'s" --num-workers 0'
+    assert by_path == '"C:\\Program Files\\Python312\\python.exe" fine_tuning.py --dry-run'
 
 
 def test_a_printed_command_names_the_interpreter_that_runs_the_script(monkeypatch):
     monkeypatch.setattr(ft.sys, "executable", "/usr/bin/python3")  # a Mac or Ubuntu: no `python`
+    monkeypatch.setattr(ft.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert ft.command("--resume", "runs/x") == "python3 fine_tuning.py --resume runs/x"
     monkeypatch.setattr(ft.sys, "executable", "")  # an embedding program may not say
     assert ft.command("--dry-run") == "python fine_tuning.py --dry-run"
+    # A venv's Python run by its path, the venv not activated: `python` would run another Python,
+    # without torch, so the command names the one that ran the script by its path
+    monkeypatch.setattr(ft.sys, "executable", "/home/me/my project/.venv/bin/python")
+    monkeypatch.setattr(ft.shutil, "which", lambda name: "/usr/bin/python")
+    command = "'/home/me/my project/.venv/bin/python' fine_tuning.py --resume runs/x"
+    assert ft.command("--resume", "runs/x") == command
 
 
 def test_a_printed_command_run_from_another_folder_names_the_scripts_path(tmp_path, monkeypatch):
