@@ -74,7 +74,7 @@ if sys.version_info < (3, 10):  # a Mac's own python3 is 3.9: said before torch 
 try:
     import torch
     import torch.nn.functional as F
-    from PIL import Image, ImageOps
+    from PIL import Image
     from torch import nn
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
     from torchvision import datasets, models
@@ -568,6 +568,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota u
 PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
 MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
 IMAGE_FILES = (*datasets.folder.IMG_EXTENSIONS, ".jfif")  # .jfif: a JPEG as Windows saves one
+UPRIGHT = {  # EXIF's Orientation -> the turn that shows the photo upright
+    2: Image.FLIP_LEFT_RIGHT,
+    3: Image.ROTATE_180,
+    4: Image.FLIP_TOP_BOTTOM,
+    5: Image.TRANSPOSE,
+    6: Image.ROTATE_270,
+    7: Image.TRANSVERSE,
+    8: Image.ROTATE_90,
+}
 
 
 class SettingError(Exception):
@@ -1161,13 +1170,18 @@ def open_rgb(path, size=None):
         with Image.open(path) as image:
             if size is not None:
                 image.draft("RGB", (size, size))  # a phone's 12 MP photo: 1/8 scale, 504x378
-            image = ImageOps.exif_transpose(image)  # a phone's photo, upright
+            # upright, as ImageOps.exif_transpose() turns a phone's photo, without its rewriting
+            # of the EXIF, which fails on some apps' odd tags: a traceback for a photo that shows
+            turn = UPRIGHT.get(image.getexif().get(0x0112))  # EXIF's tag 0x0112: Orientation
+            if turn is not None:
+                image = image.transpose(turn)
             if image.mode.startswith("I"):  # 16-bit grayscale, 0..65535: convert() clips at 255
                 image = image.convert("I").point(lambda value: value / 256)
             if image.mode == "P":  # a palette: through RGBA, as PIL asks (with a warning)
                 image = image.convert("RGBA")
             return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, huge
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # not an image, truncated; broken (PIL's SyntaxError); metadata or pixels over PIL's limits
         raise RunError(f"cannot read the image {path} ({error}): delete or replace it") from None
 
 

@@ -5,9 +5,10 @@ folder that cannot be used."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import fine_tuning as ft
 from conftest import load_state, run, write_image_folder
@@ -321,6 +322,26 @@ def test_several_images_that_cannot_be_read_are_all_named_in_one_run(tmp_path, c
         assert f"cannot read the image {path} (" in out
     assert out.count("cannot read the image") == 3
     assert not (tmp_path / "runs").exists()
+
+
+def test_pngs_pil_refuses_are_named_as_unreadable_images(tmp_path, capsys):
+    # A PNG broken after its first block of pixels (PIL: SyntaxError, "broken PNG file"), and one
+    # with megabytes of text in it (an editor's history: PIL refuses more than 1 MB, ValueError)
+    root = write_image_folder(tmp_path / "photos")
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "ants" / "broken.png")
+    data = bytearray((root / "ants" / "broken.png").read_bytes())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)  # the second block's chunk type
+    data[second : second + 4] = b"\x00\x9b\xe7\xfa"  # no chunk type: corrupted on the way
+    (root / "ants" / "broken.png").write_bytes(data)
+    notes = PngImagePlugin.PngInfo()
+    notes.add_itxt("XML:com.adobe.xmp", "<x/>" * 500_000, zip=True)
+    Image.new("RGB", (30, 20)).save(root / "bees" / "edited.png", pnginfo=notes)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err == "error: cannot read 2 of the 26 images (2 listed above): delete or replace them\n"
+    assert f"cannot read the image {root / 'ants' / 'broken.png'} (broken PNG file" in out
+    assert f"cannot read the image {root / 'bees' / 'edited.png'} (Decompressed data" in out
 
 
 def test_a_folder_of_unreadable_images_names_50_not_thousands(tmp_path, capsys):

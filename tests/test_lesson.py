@@ -189,6 +189,21 @@ def test_a_phones_photo_is_read_upright(tmp_path):
     assert ft.open_rgb(tmp_path / "sideways.jpg").size == (40, 60)
 
 
+def test_a_photo_with_odd_exif_tags_is_read_upright_too(tmp_path):
+    # Some apps write EXIF tags of the wrong type (here the date, text, under the number of a tag
+    # that holds a number). Pillow reads them, but ImageOps.exif_transpose() writes the EXIF back
+    # for the turned image, and fails there: a traceback for a photo any viewer shows.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show upright
+    exif[0x0132] = "2024:05:01 12:00:00"  # DateTime, text (type 2) ...
+    data = exif.tobytes()  # in the byte order Pillow writes: 01 32 00 02 (MM) or 32 01 02 00 (II)
+    data = data.replace(b"\x01\x32\x00\x02", b"\x01\x4e\x00\x02")  # ... as tag 334, NumberOfInks
+    data = data.replace(b"\x32\x01\x02\x00", b"\x4e\x01\x02\x00")
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(tmp_path / "odd.jpg", exif=data)
+    assert Image.open(tmp_path / "odd.jpg").getexif()[334] == "2024:05:01 12:00:00"
+    assert ft.open_rgb(tmp_path / "odd.jpg").size == (40, 60)
+
+
 def test_a_big_jpeg_is_decoded_at_a_smaller_scale_that_still_covers_the_size(tmp_path):
     # A phone's 12 MP photo is read 4x faster at 1/8 scale (README, Your own images).
     y, x = np.mgrid[0:600, 0:800]
