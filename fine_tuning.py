@@ -1170,8 +1170,8 @@ def open_rgb(path, size=None):
         with Image.open(path) as image:
             if size is not None:
                 image.draft("RGB", (size, size))  # a phone's 12 MP photo: 1/8 scale, 504x378
-            # upright, as ImageOps.exif_transpose() turns a phone's photo, without its rewriting
-            # of the EXIF, which fails on some apps' odd tags: a traceback for a photo that shows
+            # A phone's photo, upright: the turn ImageOps.exif_transpose() makes, without its
+            # rewriting of the EXIF, which fails on some apps' odd tags (viewers show the photo)
             turn = UPRIGHT.get(image.getexif().get(0x0112))  # EXIF's tag 0x0112: Orientation
             if turn is not None:
                 image = image.transpose(turn)
