@@ -959,13 +959,16 @@ def load_data(cfg):
 def read_cifar10(cfg):
     """load_cifar10(), with each way its download can fail as one line."""
     archive = cfg.data_dir / datasets.CIFAR10.filename
+    copied = archive.exists()  # put there by hand: torchvision downloads anew if its md5 is wrong
     try:
         return load_cifar10(cfg.data_dir)
     except (urllib.error.URLError, ConnectionError) as error:  # no network, a proxy, an SSL or
         # HTTP error (URLError); a connection cut mid-download, even after torchvision's retry
+        where = f"Without internet, put {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}"
+        if copied:  # and torchvision tried to download it: the copy is damaged, or cut short
+            where = f"The copy {archive} is damaged (its md5 sum is wrong): replace it, whole"
         raise RunError(
-            f"could not download CIFAR-10 ({download_reason(error)}). Without internet, put"
-            f" {archive.name} (from {CIFAR10_HOME}) in {cfg.data_dir}. {works_offline()}"
+            f"could not download CIFAR-10 ({download_reason(error)}). {where}. {works_offline()}"
         ) from None
     except RuntimeError as error:  # torchvision's md5 check failed
         raise RunError(

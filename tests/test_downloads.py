@@ -72,6 +72,20 @@ def closed_without_response(*args, **kwargs):  # a ConnectionResetError without 
     raise http.client.RemoteDisconnected("Remote end closed connection without response")
 
 
+def test_offline_a_damaged_copy_put_in_data_dir_is_named_as_damaged(tmp_path, capsys):
+    # The copy the line above asks for, downloaded by a browser that was cut off: torchvision
+    # finds it, its md5 sum is wrong, and it tries to download a new one. "Put a copy there" again
+    # would send the learner round in a circle.
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"\x1f\x8b\x08\x00 the first bytes of a gzip, cut short")
+    code, out, err = run(capsys, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: could not download CIFAR-10 (network disabled in tests).")
+    assert f" The copy {archive} is damaged (its md5 sum is wrong): replace it, whole." in err
+    assert "Without internet" not in err
+
+
 @pytest.mark.parametrize(
     "urlopen, reason",
     [
