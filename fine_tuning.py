@@ -1073,17 +1073,22 @@ def split_folders(root):
     in any case, as Fruits 360's Training/ and Test/; or (root, None), for class folders alone.
     A test/ of images alone, as a competition's (the images to predict), or in one folder that is
     no class of train/, as Tiny ImageNet's test/images/, has no labels: a note says it is not
-    used."""
+    used. A train/ without class folders is no split: a class (buses, cars, trains), or photos
+    labelled by their names alone (Kaggle's Dogs vs. Cats: train/cat.1.jpg), one line says."""
     held_out = ("val", "valid", "validation", "test", "testing")  # the last one found is the test
     subfolders = {path.name.lower(): path for path in sorted(root.iterdir()) if path.is_dir()}
     train_root = subfolders.get("train", subfolders.get("training"))
+    if train_root is not None and not class_folders(train_root):  # a class named train, or photos
+        train_root = None
     if train_root is None:  # class folders, unless named as splits: Kaggle's seg_train/, test_set/
-        split = rf"(^|[_ -])({'|'.join(['train', 'training', *held_out])})([_ -]|$)"
+        names = ["train", "training", *held_out]
+        split = rf"(^|[_ -])({'|'.join(names)})([_ -]|$)"
         splits = [name for name in subfolders if re.search(split, name)]  # in lower case
-        if len(splits) > 1 or set(splits) & set(held_out):
+        if len(splits) > 1 or set(splits) & set(names):
             raise SettingError(
                 f"DATASET (--dataset): {root} holds {', '.join(splits)}: splits, not classes? Name"
-                " them train/ and test/, each with a folder per class (README, Your own images)"
+                " them train/ and test/, each with a folder per class (README, Your own images),"
+                " or rename a class so named"
             )
         return root, None
     splits = []
@@ -1091,7 +1096,7 @@ def split_folders(root):
         if name not in subfolders:
             continue
         split = subfolders[name]
-        folders = [path for path in split.iterdir() if path.is_dir() and not is_hidden(path.name)]
+        folders = class_folders(split)
         if len(folders) > 1 or any((train_root / path.name).is_dir() for path in folders):
             splits.append(split)
         else:
@@ -1102,6 +1107,10 @@ def split_folders(root):
     if not splits:
         return train_root, None
     return train_root, splits[-1]  # test/, or else the tutorials' name for it
+
+
+def class_folders(folder):
+    return [path for path in folder.iterdir() if path.is_dir() and not is_hidden(path.name)]
 
 
 def list_images(folder, classes=None):

@@ -298,6 +298,24 @@ def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "classes",
+    [["bus", "car", "train"],  # photos of buses, cars and trains: train/ is a class
+     ["test1", "train"]],  # Kaggle's Dogs vs. Cats: train/cat.1.jpg, test1/1.jpg, no class folders
+)  # fmt: skip
+def test_a_train_folder_without_class_folders_is_no_split(classes, tmp_path, capsys):
+    # Not read as the training split (ImageFolder found no class in it), nor as a class beside
+    # the others (Dogs vs. Cats would train train/ against test1/): one line, naming it
+    root = write_image_folder(tmp_path / "photos", classes)
+    code, out, err = run(capsys, "--dataset", root, "--output-dir", tmp_path / "runs")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        f"DATASET (--dataset): {root} holds train: splits, not classes? Name them train/ and test/,"
+        " each with a folder per class (README, Your own images), or rename a class so named"
+    ) in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_image_that_cannot_be_read_is_named_and_exits_1(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")
     (root / "bees" / "7.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
