@@ -1024,6 +1024,9 @@ def read_folder(cfg):
             )
     listing = list_images(train_root)
     cfg.classes = listing.classes
+    # Named before the images are read: given a level too high (PlantVillage's color/, grayscale/
+    # around the class folders), ImageFolder takes the folders there for the classes
+    print(textwrap.shorten(f"classes: {', '.join(cfg.classes)}", 100, placeholder=" ..."))
     files = [path for path, _ in listing.samples]
     if test_root is not None:
         files += [path for path, _ in list_images(test_root, listing.classes).samples]

@@ -29,6 +29,7 @@ def test_a_folder_with_train_and_test_trains_tests_and_reports_with_its_class_na
     # 24 training images of about 100 px: 3 validation images held out, 3 classes, on the CPU at
     # the images' own size (the median of their shorter sides).
     assert "data: 21 train / 3 validation / 9 test (test/) images, 3 classes, 93 px\n" in out
+    assert "\nclasses: ants, bees, wasps\n" in out  # before the images are read
     assert "model: ResNet18, ImageNet weights (IMAGENET1K_V1), new 3-class head" in out
     assert "fc      trainable         1,539  1.0e-03  -" in out  # 512 x 3 + 3 parameters
     assert "  accuracy  most often taken for (images)\nants " in out
@@ -159,6 +160,23 @@ def test_a_class_whose_name_holds_a_split_word_is_a_class(tmp_path, capsys):
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
     assert code == 0, err
     assert "images, 3 classes" in out and "\ntest tube " in out  # the test's report
+
+
+def test_the_classes_are_named_before_the_images_are_read(tmp_path, capsys):
+    # PlantVillage's color/, grayscale/, segmented/, each with the same class folders: given the
+    # folder above them, ImageFolder's classes are color and grayscale, its walk reads the rest
+    root = tmp_path / "plantvillage"
+    for version in ("color", "grayscale"):
+        write_image_folder(root / version, ["Apple___Apple_scab", "Apple___healthy"], per_class=4)
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert out.index("\nclasses: color, grayscale\n") < out.index("\ndata: ")
+    many = write_image_folder(tmp_path / "dogs", [f"n0208{i:04} breed {i}" for i in range(40)], 2)
+    code, out, err = run(capsys, "--dataset", many, "--dry-run", "--val-fraction", "0.5")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("classes: "))
+    assert line.startswith("classes: n02080000 breed 0, n02080001 breed 1, ")
+    assert line.endswith(" ...") and len(line) <= 100  # not 40 names: the data line counts them
 
 
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
