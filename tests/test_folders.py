@@ -171,7 +171,7 @@ def test_the_classes_are_named_before_the_images_are_read(tmp_path, capsys):
     code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
     assert code == 0, err
     assert out.index("\nclasses: color, grayscale\n") < out.index("\ndata: ")
-    many = write_image_folder(tmp_path / "dogs", [f"n0208{i:04} breed {i}" for i in range(40)], 2)
+    many = write_image_folder(tmp_path / "dogs", [f"n0208{i:04} breed {i}" for i in range(40)], 4)
     code, out, err = run(capsys, "--dataset", many, "--dry-run", "--val-fraction", "0.5")
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("classes: "))
