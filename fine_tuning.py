@@ -1726,8 +1726,8 @@ def save_pictures(run, test_set, predictions):
 
 # --- Progress, signals, and the command line's entry point ----------------------------------------
 def progress_bar(iterable, desc):
-    """tqdm's bar: live on a terminal; in a log or Colab's `!python`, which are not terminals,
-    drawn every 30 seconds, and only for a pass that takes longer."""
+    """tqdm's bar: live on a terminal (Colab's `!python` runs in one, a pseudo-terminal); in a log
+    (`> log`, `| tee`), drawn every 30 seconds, and only for a pass that takes longer."""
     interval = 0.1
     if not sys.stderr.isatty():
         interval = 30
@@ -1854,4 +1854,6 @@ if __name__ == "__main__":
     if PASTED:  # sys.argv is the notebook kernel's, and sys.exit() would show an exception
         cli()
     else:
+        if isinstance(sys.stdout, io.TextIOWrapper):  # not IPython's stream, under %run
+            sys.stdout.reconfigure(line_buffering=True)  # to a log, `| tee`: each line as printed
         sys.exit(cli(sys.argv[1:]))

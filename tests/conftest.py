@@ -152,7 +152,8 @@ def run(capsys, *args):
 
 
 def script_env(torch_home, md5=None):
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    env.pop("PYTHONUNBUFFERED", None)  # as a user runs it: the script itself prints each line
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["FT_TEST_NO_MATPLOTLIB"] = "1"  # drawing costs seconds: tests/test_runs.py draws
     env.pop("FT_TEST_MD5", None)

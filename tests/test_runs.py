@@ -421,7 +421,7 @@ def test_an_error_the_script_does_not_know_keeps_its_traceback(error, tmp_path, 
 
 
 def test_progress_is_a_live_bar_on_a_terminal_and_a_line_every_30_s_elsewhere(monkeypatch):
-    # Colab's `!python fine_tuning.py` is not a terminal: it still gets progress, every 30 s.
+    # A log (`> log`, `| tee`) is not a terminal: it still gets progress, every 30 s.
     monkeypatch.setattr(ft.sys.stderr, "isatty", lambda: False, raising=False)
     logged = ft.progress_bar(range(3), "train")
     assert not logged.disable and logged.mininterval == 30 and logged.delay == 30

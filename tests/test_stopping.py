@@ -155,6 +155,20 @@ def test_sigterm_stops_like_ctrl_c_and_exits_143(cifar_root, torch_home, tmp_pat
     assert f"resume with: {PYTHON} fine_tuning.py --resume {run_dir}" in out
 
 
+def test_a_log_keeps_every_line_printed_before_the_run_was_killed(torch_home, tmp_path):
+    # `python fine_tuning.py > log` (or `| tee log`, a scheduler's log): stdout is no terminal, and
+    # Python would keep 8 KB of it in a buffer, lost to a kill (out of memory, a time limit)
+    args = ["--dry-run", "--output-dir", tmp_path, "--run-name", "killed"]
+    process = start_script(args, torch_home)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "killed").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the run folder is made after the data line is printed
+    process.kill()
+    out, err = process.communicate(timeout=60)
+    assert out.startswith("device: cpu   precision: float32\n"), out + err
+    assert "\ndata: 45,000 train / 5,000 validation / 10,000 test images" in out
+
+
 def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_without_workers(
     cifar_root, real_files, torch_home, tmp_path, capsys
 ):
