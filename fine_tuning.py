@@ -1159,8 +1159,7 @@ class ImageFolder(datasets.ImageFolder):
     hidden file, this skips Jupyter's .ipynb_checkpoints, and __MACOSX, a Mac zip's metadata."""
 
     def find_classes(self, directory):
-        classes, _ = super().find_classes(directory)
-        classes = [name for name in classes if not is_hidden(name)]
+        classes = sorted(path.name for path in class_folders(Path(directory)))
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: index for index, name in enumerate(classes)}
