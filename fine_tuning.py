@@ -1854,5 +1854,7 @@ if __name__ == "__main__":
         cli()
     else:
         if isinstance(sys.stdout, io.TextIOWrapper):  # not IPython's stream, under %run
-            sys.stdout.reconfigure(line_buffering=True)  # to a log, `| tee`: each line as printed
+            # To a log or `| tee`: each line as it is printed, and what the log's encoding lacks
+            # (a class name's ł in Windows' cp1252) escaped, \u0142, as Python's stderr does
+            sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
         sys.exit(cli(sys.argv[1:]))

@@ -4,6 +4,7 @@ folder that cannot be used."""
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import fine_tuning as ft
-from conftest import load_state, run, write_image_folder
+from conftest import LAUNCHER, load_state, run, script_env, write_image_folder
 
 
 def folder_run(root, out, *extra):
@@ -177,6 +178,17 @@ def test_the_classes_are_named_before_the_images_are_read(tmp_path, capsys):
     line = next(line for line in out.splitlines() if line.startswith("classes: "))
     assert line.startswith("classes: n02080000 breed 0, n02080001 breed 1, ")
     assert line.endswith(" ...") and len(line) <= 100  # not 40 names: the data line counts them
+
+
+def test_class_names_a_logs_encoding_lacks_are_printed_escaped(torch_home, tmp_path):
+    # Windows writes a log (`> log`, Jupyter's `!python`) in its code page: cp1252 has no ł
+    root = write_image_folder(tmp_path / "boats", ["kajak", "\u0142\u00f3d\u017a"], per_class=12)
+    env = {**script_env(torch_home), "PYTHONIOENCODING": "ascii"}  # stricter still
+    args = [*LAUNCHER, *folder_run(root, tmp_path / "runs", "--dry-run")]
+    done = subprocess.run(args, capture_output=True, text=True, encoding="ascii", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "classes: kajak, \\u0142\\xf3d\\u017a\n" in done.stdout  # as Python's stderr does
+    assert "\n\\u0142\\xf3d\\u017a " in done.stdout  # the test's report, a row per class
 
 
 def test_a_dry_run_reads_the_folder_and_runs_its_first_batches_offline(tmp_path, capsys):
