@@ -273,17 +273,25 @@ def test_the_inputs_picture_shows_a_folders_classes(with_matplotlib, tmp_path, c
     assert len(titles) == 8 and set(titles) == {"ants", "bees", "wasps"}  # a dry run's 8 images
 
 
+CLASS_FOLDERS = {  # folders of class folders alone, by these names
+    "one class": ["cats"],
+    "a test split beside the classes": ["cats", "dogs", "test"],
+    "a class named train": ["bus", "car", "train"],  # photos of buses, cars and trains
+    "a train split without class folders": ["test1", "train"],  # Dogs vs. Cats: train/cat.1.jpg
+}
+
+
 def broken(tmp_path, kind):
     """A folder with one thing wrong with it."""
     root = tmp_path / kind.replace(" ", "_")
-    if kind == "no class folders":
+    if kind in CLASS_FOLDERS:
+        write_image_folder(root, CLASS_FOLDERS[kind])
+    elif kind == "no class folders":
         root.mkdir()
         (root / "photo.jpg").write_bytes(b"")
     elif kind == "hidden folders alone":
         (root / ".ipynb_checkpoints").mkdir(parents=True)
         (root / "photo.jpg").write_bytes(b"")
-    elif kind == "one class":
-        write_image_folder(root, ["cats"])
     elif kind == "a folder above":  # a zip file's folder around the class folders
         write_image_folder(root / "photos", ["cats", "dogs"])
     elif kind == "an empty class":
@@ -292,8 +300,6 @@ def broken(tmp_path, kind):
     elif kind == "splits by other names":  # Kaggle's Intel images; training_set/, test_set/
         write_image_folder(root / "seg_train" / "seg_train", ["cats", "dogs"])
         write_image_folder(root / "seg_test" / "seg_test", ["cats", "dogs"], per_class=2)
-    elif kind == "a test split beside the classes":
-        write_image_folder(root, ["cats", "dogs", "test"])
     elif kind == "other test classes":
         write_image_folder(root / "train", ["cats", "dogs"])
         write_image_folder(root / "test", ["cats", "horses"], per_class=2)
@@ -317,7 +323,15 @@ def broken(tmp_path, kind):
       " those of train/ (cats, dogs)"),
      ("splits by other names", "{root} holds seg_test, seg_train: splits, not classes? Name them"
       " train/ and test/, each with a folder per class"),
-     ("a test split beside the classes", "{root} holds test: splits, not classes?")],
+     ("a test split beside the classes", "{root} holds test: splits, not classes?"),
+     # Not read as the training split (ImageFolder found no class in it), nor as a class beside
+     # the others (Dogs vs. Cats would train train/ against test1/)
+     ("a class named train", "{root} holds train: splits, not classes? Name them train/ and"
+      " test/, each with a folder per class (README, Your own images), or rename a class so"
+      " named"),
+     ("a train split without class folders", "{root} holds train: splits, not classes? Name"
+      " them train/ and test/, each with a folder per class (README, Your own images), or"
+      " rename a class so named")],
 )  # fmt: skip
 def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tmp_path, capsys):
     root = broken(tmp_path, kind)
@@ -325,24 +339,6 @@ def test_a_folder_that_cannot_be_used_gets_one_line_and_exit_2(kind, message, tm
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("fine_tuning.py: error: DATASET (--dataset): ")
     assert message.format(root=root) in err
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize(
-    "classes",
-    [["bus", "car", "train"],  # photos of buses, cars and trains: train/ is a class
-     ["test1", "train"]],  # Kaggle's Dogs vs. Cats: train/cat.1.jpg, test1/1.jpg, no class folders
-)  # fmt: skip
-def test_a_train_folder_without_class_folders_is_no_split(classes, tmp_path, capsys):
-    # Not read as the training split (ImageFolder found no class in it), nor as a class beside
-    # the others (Dogs vs. Cats would train train/ against test1/): one line, naming it
-    root = write_image_folder(tmp_path / "photos", classes)
-    code, out, err = run(capsys, "--dataset", root, "--output-dir", tmp_path / "runs")
-    assert code == 2 and len(err.splitlines()) == 1, err
-    assert (
-        f"DATASET (--dataset): {root} holds train: splits, not classes? Name them train/ and test/,"
-        " each with a folder per class (README, Your own images), or rename a class so named"
-    ) in err
     assert not (tmp_path / "runs").exists()
 
 
