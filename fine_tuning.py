@@ -843,7 +843,10 @@ def read_saved_settings(cfg, given):
     if "--output-dir" not in given:
         cfg.output_dir = cfg.resume.parent  # summary.csv beside the run folder, wherever it is
     if "--epochs" in given and cfg.epochs < state["epoch"]:  # as many as done: on to the test
-        raise SettingError(f"EPOCHS (--epochs) = {cfg.epochs}: the run has done {state['epoch']}")
+        raise SettingError(
+            f"EPOCHS (--epochs) = {cfg.epochs} is not allowed: the run has done {state['epoch']}"
+            f" epochs; give {state['epoch']} to go on to the test, or more to train on"
+        )
     for name in ("EPOCHS", "DATASET", "DATA_DIR"):  # resume commands repeat them: resume_command()
         value = getattr(cfg, name.lower())
         if str(value) != str(state["settings"][name]):
