@@ -1755,6 +1755,8 @@ def cli(argv=()):
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
         print(next_step())
         return exit_code(interrupt)
+    except (EOFError, pickle.UnpicklingError) as error:  # torch.load() of a damaged file
+        return weights_not_readable(error)
     except (urllib.error.URLError, ConnectionError) as error:  # the weights' (CIFAR-10's: its own)
         if active.run is not None:
             raise  # the downloads are done: a DataLoader worker's pipe, say
@@ -1790,6 +1792,8 @@ def known_runtime_error(error):
         )
     if message.startswith("invalid hash value"):  # torch.hub's check of the weights' file
         return weights_not_downloaded("the file arrived damaged: its hash is wrong")
+    if message.startswith("PytorchStreamReader failed"):  # torch.load() of a cut zip file
+        return weights_not_readable(error)
     if message.startswith("DataLoader worker"):
         return worker_died(error)
     if "no kernel image is available" in message:  # CUDA: this torch has none for this GPU
@@ -1818,6 +1822,20 @@ def weights_not_downloaded(reason):
     where = f"put {file.name} ({IMAGENET.url}) in {file.parent}, or pass its path: --weights"
     reason = f"could not download the ImageNet weights ({reason})"
     return fail(f"error: {reason}. Without internet, {where} PATH. {works_offline()}", 1)
+
+
+def weights_not_readable(error):
+    """One line for a damaged file where torchvision reads the ImageNet weights: a copy put there
+    by hand, as the line above asks (torch.hub downloads under another name until it has the
+    whole file), cut short or a web page. Anywhere else, such an error keeps its traceback."""
+    file = cached_weights()
+    if active.run is not None or not file.exists():
+        raise error
+    return fail(
+        f"error: cannot read the ImageNet weights {file}: the copy is damaged, or another file."
+        f" Replace it, whole ({IMAGENET.url}), or delete it: the next run downloads it anew",
+        1,
+    )
 
 
 def worker_died(error):

@@ -122,6 +122,26 @@ def test_a_weights_download_cut_short_or_damaged_gets_the_offline_line(
     assert not list(tmp_path.iterdir()), "no run folder"
 
 
+@pytest.mark.parametrize("copy", ["cut", "web page", "empty"])
+def test_a_damaged_copy_of_the_weights_put_in_the_cache_is_named_as_damaged(
+    copy, torch_home, cifar_root, monkeypatch, tmp_path, capsys
+):
+    # The copy the weights' line asks for, cut short by a browser, an error page saved under its
+    # name, an empty file: each is read by torch.load(), which would end in a traceback.
+    trust(monkeypatch, cifar_root / "md5.json")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = ft.cached_weights()
+    cached.parent.mkdir(parents=True)
+    whole = next((torch_home / "hub" / "checkpoints").iterdir()).read_bytes()
+    damaged = {"cut": whole[: len(whole) // 2], "web page": b"<!DOCTYPE html>", "empty": b""}
+    cached.write_bytes(damaged[copy])
+    code, out, err = run(capsys, *tiny(cifar_root, tmp_path / "runs"))
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot read the ImageNet weights {cached}: the copy is damaged")
+    assert f"Replace it, whole ({ft.IMAGENET.url}), or delete it" in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.parametrize(
     "download, python_org",
     [("CIFAR-10", True), ("the ImageNet weights", True), ("CIFAR-10", False)],
