@@ -1708,7 +1708,8 @@ def save_pictures(run, test_set, predictions):
         for epoch, block in run.cfg.unfreeze_schedule.items():
             if epoch <= epochs[-1]:  # not an unfreezing that early stopping came before
                 axis.axvline(epoch - 0.5, color="grey", linestyle="--", label=f"unfreeze {block}")
-        axis.set(xlabel="epoch", xticks=epochs, title=metric.replace("acc", "accuracy"))
+        axis.set(xlabel="epoch", title=metric.replace("acc", "accuracy"))
+        axis.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # whole epochs
         axis.legend(fontsize=8)
     curves.suptitle(f"run {run.dir.name}")
     save_figure(curves, run.dir / "curves.png")

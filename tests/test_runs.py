@@ -463,6 +463,27 @@ def test_mistakes_png_shows_the_16_test_images_most_confidently_wrong(
     assert grids["mistakes.png"] == expected
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 60])
+def test_the_curves_label_whole_epochs_few_enough_to_read(epochs, with_matplotlib, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    monkeypatch.setattr(ft, "image_grid", lambda *args: None)  # mistakes.png: not under test
+    history = [
+        dict(epoch=e, train_loss=1 / e, val_loss=1 / e, train_acc=0.5, val_acc=0.5)
+        for e in range(1, epochs + 1)
+    ]
+    cfg = SimpleNamespace(unfreeze_schedule={}, classes=["cat", "dog"])
+    run = SimpleNamespace(history=history, best_epoch=epochs, dir=Path("runs") / "r", cfg=cfg)
+    test_set = TensorDataset(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
+    ft.save_pictures(run, test_set, torch.tensor([[0.0, 0.9], [1.0, 0.9]]))
+    for axis in drawn["curves.png"].axes:  # loss, accuracy
+        low, high = axis.get_xlim()
+        ticks = [tick for tick in axis.get_xticks() if low <= tick <= high]
+        assert all(tick == int(tick) for tick in ticks), ticks  # no epoch 0.98
+        assert 1 <= len(ticks) <= 15, ticks  # 60 labels overlap into a smear
+        assert 1 in ticks or epochs > 10
+
+
 def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
     drawn = {}
     monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
