@@ -1669,7 +1669,8 @@ def image_grid(figure, images, titles, title, path):
         axis.set_axis_off()
     for axis, image, text in zip(figure.axes, images, titles, strict=False):
         axis.imshow(image.numpy())
-        axis.set_title(text, fontsize=10)
+        lines = [textwrap.fill(line, 22) for line in text.splitlines()]  # long class names
+        axis.set_title("\n".join(lines), fontsize=10)
     figure.suptitle(f"{path.parent.name}: {title}")
     save_figure(figure, path)
 

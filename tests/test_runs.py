@@ -484,6 +484,26 @@ def test_the_curves_label_whole_epochs_few_enough_to_read(epochs, with_matplotli
         assert 1 in ticks or epochs > 10
 
 
+def test_long_class_names_in_a_picture_neither_overlap_nor_leave_it(with_matplotlib, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    names = ["Tomato___Tomato_Yellow_Leaf_Curl_Virus", "Corn_(maize)___Northern_Leaf_Blight"]
+    titles = [f"{names[i % 2]}\n-> {names[1 - i % 2]} (42%)" for i in range(16)]  # PlantVillage
+    images = torch.zeros(16, 8, 8, 3)
+    figure = ft.new_figure(figsize=(8, 9))
+    ft.image_grid(figure, images, titles, "mistakes", Path("runs") / "r" / "mistakes.png")
+    figure = drawn["mistakes.png"]
+    figure.draw_without_rendering()
+    boxes = [axis.title.get_window_extent() for axis in figure.axes]
+    for box in boxes:
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.x1  # within the picture
+    for left, right in zip(boxes[:-1], boxes[1:], strict=True):
+        if abs(left.y0 - right.y0) < 1:  # the same row
+            assert left.x1 < right.x0, "titles overlap"
+    for axis, title in zip(figure.axes, titles, strict=True):
+        assert "".join(axis.get_title().split()) == "".join(title.split())  # wrapped, all there
+
+
 def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
     drawn = {}
     monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
