@@ -1670,7 +1670,7 @@ def image_grid(figure, images, titles, title, path):
     for axis, image, text in zip(figure.axes, images, titles, strict=False):
         axis.imshow(image.numpy())
         lines = [textwrap.fill(line, 22) for line in text.splitlines()]  # long class names
-        axis.set_title("\n".join(lines), fontsize=10)
+        axis.set_title("\n".join(lines), fontsize=10, parse_math=False)  # a class named $5
     figure.suptitle(f"{path.parent.name}: {title}")
     save_figure(figure, path)
 

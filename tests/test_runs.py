@@ -504,6 +504,19 @@ def test_long_class_names_in_a_picture_neither_overlap_nor_leave_it(with_matplot
         assert "".join(axis.get_title().split()) == "".join(title.split())  # wrapped, all there
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written(with_matplotlib, monkeypatch):
+    # Between two $ signs matplotlib reads TeX: the title of a $5 taken for a $10 lost its $ signs
+    # and came out in italics; where the text between is no formula, drawing raised ValueError
+    drawn = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+    titles = ["$5\n-> $10 (42%)", "price_$\n-> price_$$ (42%)"]
+    figure = ft.new_figure(figsize=(8, 9))
+    ft.image_grid(figure, torch.zeros(2, 8, 8, 3), titles, "mistakes", Path("r") / "m.png")
+    drawn["m.png"].draw_without_rendering()
+    for axis, title in zip(drawn["m.png"].axes, titles, strict=False):
+        assert axis.get_title() == title and not axis.title.get_parse_math()  # as written
+
+
 def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
     drawn = {}
     monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
