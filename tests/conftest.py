@@ -78,6 +78,16 @@ def offline(monkeypatch, tmp_path_factory, request):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def the_projects_runs_folder_is_left_alone():
+    """Each test writes its runs under its own temporary folder: a test that forgot --output-dir
+    would add a run to the learner's runs/ at each pass of the suite."""
+    runs = ROOT / "runs"
+    before = set(runs.glob("*"))
+    yield
+    assert set(runs.glob("*")) <= before, "a test ran with the default OUTPUT_DIR, ./runs"
+
+
+@pytest.fixture(autouse=True, scope="session")
 def synthetic_images_once():
     """Dry runs make CIFAR-10's synthetic twin (60,000 images) once per seed for the whole suite:
     it depends on the seed alone."""

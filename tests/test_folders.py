@@ -173,7 +173,9 @@ def test_the_classes_are_named_before_the_images_are_read(tmp_path, capsys):
     assert code == 0, err
     assert out.index("\nclasses: color, grayscale\n") < out.index("\ndata: ")
     many = write_image_folder(tmp_path / "dogs", [f"n0208{i:04} breed {i}" for i in range(40)], 4)
-    code, out, err = run(capsys, "--dataset", many, "--dry-run", "--val-fraction", "0.5")
+    code, out, err = run(
+        capsys, *folder_run(many, tmp_path / "runs", "--dry-run", "--val-fraction", "0.5")
+    )
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("classes: "))
     assert line.startswith("classes: n02080000 breed 0, n02080001 breed 1, ")
