@@ -176,11 +176,15 @@ def test_a_scheduled_unfreezing_that_early_stopping_prevents_is_named(tmp_path, 
     assert "\nunfreezing" not in out
 
 
-def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(
-    with_matplotlib, tmp_path, capsys, monkeypatch
-):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+@pytest.fixture
+def drawn(with_matplotlib, monkeypatch):
+    """The figures the run would save, by file name, drawn but not written."""
+    figures = {}
+    monkeypatch.setattr(ft, "save_figure", lambda figure, path: figures.update({path.name: figure}))
+    return figures
+
+
+def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(drawn, tmp_path, capsys):
     code, out, err = run(capsys, *PREVENTED, "--output-dir", tmp_path)
     assert code == 0, err
     for axis in drawn["curves.png"].axes:  # loss, accuracy
@@ -188,11 +192,7 @@ def test_the_curves_draw_no_unfreezing_that_early_stopping_prevented(
         assert axis.get_xlim()[1] < 2.5  # two epochs ran: nothing drawn at 2.5, where 3 starts
 
 
-def test_the_curves_mark_where_a_scheduled_unfreezing_happened(
-    with_matplotlib, tmp_path, capsys, monkeypatch
-):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+def test_the_curves_mark_where_a_scheduled_unfreezing_happened(drawn, tmp_path, capsys):
     args = ["--dry-run", "--freeze-until", "layer4", "--unfreeze-schedule", "2:layer3"]
     code, out, err = run(capsys, *args, "--epochs", "2", "--output-dir", tmp_path)
     assert code == 0, err
@@ -464,9 +464,7 @@ def test_mistakes_png_shows_the_16_test_images_most_confidently_wrong(
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 60])
-def test_the_curves_label_whole_epochs_few_enough_to_read(epochs, with_matplotlib, monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+def test_the_curves_label_whole_epochs_few_enough_to_read(epochs, drawn, monkeypatch):
     monkeypatch.setattr(ft, "image_grid", lambda *args: None)  # mistakes.png: not under test
     history = [
         dict(epoch=e, train_loss=1 / e, val_loss=1 / e, train_acc=0.5, val_acc=0.5)
@@ -484,9 +482,7 @@ def test_the_curves_label_whole_epochs_few_enough_to_read(epochs, with_matplotli
         assert 1 in ticks or epochs > 10
 
 
-def test_long_class_names_in_a_picture_neither_overlap_nor_leave_it(with_matplotlib, monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+def test_long_class_names_in_a_picture_neither_overlap_nor_leave_it(drawn):
     names = ["Tomato___Tomato_Yellow_Leaf_Curl_Virus", "Corn_(maize)___Northern_Leaf_Blight"]
     titles = [f"{names[i % 2]}\n-> {names[1 - i % 2]} (42%)" for i in range(16)]  # PlantVillage
     images = torch.zeros(16, 8, 8, 3)
@@ -504,11 +500,9 @@ def test_long_class_names_in_a_picture_neither_overlap_nor_leave_it(with_matplot
         assert "".join(axis.get_title().split()) == "".join(title.split())  # wrapped, all there
 
 
-def test_class_names_with_dollar_signs_are_drawn_as_written(with_matplotlib, monkeypatch):
+def test_class_names_with_dollar_signs_are_drawn_as_written(drawn):
     # Between two $ signs matplotlib reads TeX: the title of a $5 taken for a $10 lost its $ signs
     # and came out in italics; where the text between is no formula, drawing raised ValueError
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
     titles = ["$5\n-> $10 (42%)", "price_$\n-> price_$$ (42%)"]
     figure = ft.new_figure(figsize=(8, 9))
     ft.image_grid(figure, torch.zeros(2, 8, 8, 3), titles, "mistakes", Path("r") / "m.png")
@@ -517,9 +511,7 @@ def test_class_names_with_dollar_signs_are_drawn_as_written(with_matplotlib, mon
         assert axis.get_title() == title and not axis.title.get_parse_math()  # as written
 
 
-def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(with_matplotlib, monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(ft, "save_figure", lambda figure, path: drawn.update({path.name: figure}))
+def test_drawing_inputs_png_leaves_what_training_draws_as_it_was(drawn):
     colours = torch.randint(0, 256, (40, 3, 1, 1), dtype=torch.uint8)
     images = colours.expand(40, 3, 32, 32).clone()  # an image of one colour each
     inputs = ft.ModelInput(32, seed=0)
