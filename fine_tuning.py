@@ -1757,6 +1757,10 @@ def cli(argv=()):
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
         print(next_step())
         return exit_code(interrupt)
+    except BrokenPipeError:  # the output's reader is gone: `| tee log`, which Ctrl-C ends too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for Python's last flush
+        gone = "the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
+        return fail(f"error: {gone}{next_step()}", 1)
     except (EOFError, pickle.UnpicklingError) as error:  # torch.load() of a damaged file
         return weights_not_readable(error)
     except (urllib.error.URLError, ConnectionError) as error:  # the weights' (CIFAR-10's: its own)
@@ -1764,17 +1768,23 @@ def cli(argv=()):
             raise  # the downloads are done: a DataLoader worker's pipe, say
         return weights_not_downloaded(download_reason(error))
     except OSError as error:  # a download, or CIFAR-10's unpacking; the run's files: write_error()
-        if error.errno not in DISK_FULL:
-            raise  # another: its traceback names the file and the cause
-        weights = cached_weights().parent
-        room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
-        full = f"the disk is full ({error.strerror}): {room}"
-        return fail(f"error: {full}. Free some space, then run the same command again", 1)
+        return disk_full(error)
     except RuntimeError as error:
         return known_runtime_error(error)
     finally:
         remove_unfinished_folder()
         signal.signal(signal.SIGTERM, previous)
+
+
+def disk_full(error):
+    """One line for a disk that filled during a download, with the room the downloads need. Any
+    other OSError keeps its traceback, which names the file and the cause."""
+    if error.errno not in DISK_FULL:
+        raise error
+    weights = cached_weights().parent
+    room = f"CIFAR-10 takes about 355 MB in DATA_DIR, the ImageNet weights 45 MB in {weights}"
+    full = f"the disk is full ({error.strerror}): {room}"
+    return fail(f"error: {full}. Free some space, then run the same command again", 1)
 
 
 def cached_weights():

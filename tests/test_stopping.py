@@ -169,6 +169,24 @@ def test_a_log_keeps_every_line_printed_before_the_run_was_killed(torch_home, tm
     assert "\ndata: 45,000 train / 5,000 validation / 10,000 test images" in out
 
 
+def test_output_whose_reader_is_gone_stops_the_run_with_one_line_and_the_resume_command(
+    torch_home, tmp_path
+):
+    # `python fine_tuning.py | tee log`, then Ctrl-C: it ends tee too, and the script's next line
+    # to stdout raised BrokenPipeError: a traceback (before training, a failed download's line)
+    args = ["--dry-run", *LONG, "--output-dir", tmp_path, "--run-name", "teed"]
+    process = start_script(args, torch_home)
+    epoch_row(process, 1)
+    process.stdout.close()  # tee is gone
+    code = process.wait(timeout=60)
+    err = process.stderr.read()
+    assert code == 1 and "Traceback" not in err, err
+    gone = "error: the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
+    assert err.startswith(f"{gone}\nkept in {tmp_path / 'teed'}: ")
+    assert f"\nresume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'teed'}" in err
+    assert (tmp_path / "teed" / "last.pt").exists()
+
+
 def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_without_workers(
     cifar_root, real_files, torch_home, tmp_path, capsys
 ):
