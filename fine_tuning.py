@@ -1755,12 +1755,9 @@ def cli(argv=()):
     except (RunError, FloatingPointError) as error:  # FloatingPointError: a nan or inf loss
         return fail(f"error: {error}", 1)
     except KeyboardInterrupt as interrupt:  # before an epoch completed, or a second Ctrl-C
-        print(next_step())
-        return exit_code(interrupt)
-    except BrokenPipeError:  # the output's reader is gone: `| tee log`, which Ctrl-C ends too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for Python's last flush
-        gone = "the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
-        return fail(f"error: {gone}{next_step()}", 1)
+        return say(next_step(), exit_code(interrupt))
+    except BrokenPipeError:  # a line to print, whose reader is gone: output_gone()
+        return output_gone(next_step(), 1)
     except (EOFError, pickle.UnpicklingError) as error:  # torch.load() of a damaged file
         return weights_not_readable(error)
     except (urllib.error.URLError, ConnectionError) as error:  # the weights' (CIFAR-10's: its own)
@@ -1853,8 +1850,7 @@ def weights_not_readable(error):
 def worker_died(error):
     """A DataLoader worker killed (out of memory, say): one line, and the command to go on."""
     if "Terminated" in str(error):  # SIGTERM to the process group ended the workers first
-        print(next_step())
-        return 128 + signal.SIGTERM
+        return say(next_step(), 128 + signal.SIGTERM)
     then = "Try --num-workers 0"
     if active.run is not None and (active.run.dir / "last.pt").exists():
         then = f"Go on without workers: {resume_command(active.run, '--num-workers', 0)}"
@@ -1872,6 +1868,23 @@ def remove_unfinished_folder():
         return
     if not (run.dir / "results.json").exists():
         shutil.rmtree(run.dir)
+
+
+def say(text, code):
+    """print(text), or where the output's reader is gone, output_gone(). Returns code."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        return output_gone(text, code)
+    return code
+
+
+def output_gone(text, code):
+    """`python fine_tuning.py | tee log`, then Ctrl-C, which ends tee too: the lines left to print
+    go to stderr, the terminal, saying so; stdout to nowhere, where Python's last flush succeeds."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    gone = "the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
+    return fail(f"error: {gone}{text}", code)
 
 
 def fail(message, code):

@@ -187,6 +187,27 @@ def test_output_whose_reader_is_gone_stops_the_run_with_one_line_and_the_resume_
     assert (tmp_path / "teed" / "last.pt").exists()
 
 
+def test_ctrl_c_that_ended_tee_too_in_the_first_epoch_is_said_on_stderr(torch_home, tmp_path):
+    # The same, in the first epoch (5 minutes on a CPU): the line Ctrl-C prints, that nothing is
+    # kept, raised BrokenPipeError as it was printed, a traceback
+    args = ["--dry-run", "--batch-size", "2048", "--output-dir", tmp_path, "--run-name", "teed"]
+    process = start_script(args, torch_home)
+    for line in process.stdout:
+        if line.startswith("trainable parameters:"):  # the block table, then a blank line
+            break
+    assert process.stdout.readline() == "\n"  # training begins: nothing more printed until it ends
+    process.stdout.close()  # tee is gone, and then Ctrl-C reaches the script
+    time.sleep(0.5)
+    os.kill(process.pid, signal.SIGINT)
+    code = process.wait(timeout=60)
+    err = process.stderr.read()
+    assert code == 130 and "Traceback" not in err, err
+    gone = "error: the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
+    nothing = "no epoch was completed and saved, so nothing to resume: run the same command again."
+    assert err == f"{gone}\n{nothing}\n"
+    assert not (tmp_path / "teed").exists()
+
+
 def test_a_killed_dataloader_worker_ends_the_run_with_one_line_that_goes_on_without_workers(
     cifar_root, real_files, torch_home, tmp_path, capsys
 ):
