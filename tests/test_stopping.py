@@ -26,6 +26,8 @@ from conftest import (
 )
 
 LONG = ["--epochs", "30", "--patience", "30", "--min-delta", "0"]
+# What a run says where Ctrl-C ended `| tee log` too, on stderr, before what is kept
+TEE_GONE = "error: the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
 
 
 def history(run_dir, timed=True):
@@ -181,8 +183,7 @@ def test_output_whose_reader_is_gone_stops_the_run_with_one_line_and_the_resume_
     code = process.wait(timeout=60)
     err = process.stderr.read()
     assert code == 1 and "Traceback" not in err, err
-    gone = "error: the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
-    assert err.startswith(f"{gone}\nkept in {tmp_path / 'teed'}: ")
+    assert err.startswith(f"{TEE_GONE}\nkept in {tmp_path / 'teed'}: ")
     assert f"\nresume with: {PYTHON} fine_tuning.py --resume {tmp_path / 'teed'}" in err
     assert (tmp_path / "teed" / "last.pt").exists()
 
@@ -202,9 +203,8 @@ def test_ctrl_c_that_ended_tee_too_in_the_first_epoch_is_said_on_stderr(torch_ho
     code = process.wait(timeout=60)
     err = process.stderr.read()
     assert code == 130 and "Traceback" not in err, err
-    gone = "error: the output's reader is gone (Ctrl-C ends `| tee` too; `| tee -i` lives on)"
     nothing = "no epoch was completed and saved, so nothing to resume: run the same command again."
-    assert err == f"{gone}\n{nothing}\n"
+    assert err == f"{TEE_GONE}\n{nothing}\n"
     assert not (tmp_path / "teed").exists()
 
 
