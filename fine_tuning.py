@@ -595,9 +595,9 @@ def command(*args):
     words = [str(arg) for arg in args]
     if PASTED:
         return f"cli({words!r})"
-    script = "fine_tuning.py"
-    if os.path.dirname(__file__) != os.getcwd():  # run by its path from elsewhere: that path
-        script = __file__
+    script = os.path.abspath(__file__)  # normalised: `python ./fine_tuning.py` gives /x/./
+    if os.path.dirname(script) == os.getcwd():  # else run by its path from elsewhere: that path
+        script = "fine_tuning.py"
     python = os.path.basename(sys.executable).removesuffix(".exe") or "python"  # python3, say
     runs = shutil.which(python) or ""  # the Python that name runs here: this one, or another
     if sys.executable and os.path.normcase(runs) != os.path.normcase(sys.executable):

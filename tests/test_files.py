@@ -334,6 +334,8 @@ def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     with monkeypatch.context() as windows:  # undone before the assert: pytest's report needs os
         windows.setattr(ft.os, "name", "nt")  # cmd takes double quotes, not shlex's single ones
         windows.setattr(ft.os, "path", ntpath)
+        windows.setattr(ft, "__file__", "C:\\proj\\fine_tuning.py")  # and run from its folder
+        windows.setattr(ft.os, "getcwd", lambda: "C:\\proj")
         windows.setattr(ft.sys, "executable", "C:\\Python312\\python.exe")  # printed: python
         windows.setattr(ft.shutil, "which", lambda name: f"C:\\Python312\\{name}.EXE")  # PATHEXT's
         command = ft.command("--resume", "C:\\my runs\\it's", "--num-workers", 0)
@@ -365,6 +367,18 @@ def test_a_printed_command_run_from_another_folder_names_the_scripts_path(tmp_pa
     words = shlex.split(ft.command("--resume", "runs/x"))
     assert words == [PYTHON, ft.__file__, "--resume", "runs/x"]
     assert os.path.isabs(words[1]) and os.path.isfile(words[1])
+
+
+def test_a_printed_command_of_a_script_run_as_dot_slash_names_it_plainly(monkeypatch):
+    # `python ./fine_tuning.py`: Python makes __file__ absolute, "/home/me/proj/./fine_tuning.py",
+    # without normalising it; the script is in the working folder all the same
+    here = os.path.dirname(ft.__file__)
+    monkeypatch.setattr(ft, "__file__", os.path.join(here, ".", "fine_tuning.py"))
+    assert shlex.split(ft.command("--dry-run")) == [PYTHON, "fine_tuning.py", "--dry-run"]
+    monkeypatch.setattr(ft, "__file__", os.path.join(here, "tests", "..", "fine_tuning.py"))
+    assert shlex.split(ft.command("--dry-run")) == [PYTHON, "fine_tuning.py", "--dry-run"]
+    monkeypatch.chdir(os.path.join(here, "tests"))  # from elsewhere: its path, normalised
+    assert shlex.split(ft.command("--dry-run"))[1] == os.path.join(here, "fine_tuning.py")
 
 
 def test_a_summary_csv_emptied_to_its_header_gets_no_second_header(tmp_path):
