@@ -1730,10 +1730,12 @@ def save_pictures(run, test_set, predictions):
 
 # --- Progress, signals, and the command line's entry point ----------------------------------------
 def progress_bar(iterable, desc):
-    """tqdm's bar: live on a terminal (Colab's `!python` runs in one, a pseudo-terminal); in a log
-    (`> log`, `| tee`), drawn every 30 seconds, and only for a pass that takes longer."""
+    """tqdm's bar: live on a terminal (Colab's `!python` runs in one, a pseudo-terminal) and in a
+    notebook's cell; in a log (`> log`, `| tee`), drawn every 30 seconds, and only for a pass that
+    takes longer."""
     interval = 0.1
-    if not sys.stderr.isatty():
+    in_a_notebook = "ipykernel" in sys.modules  # pasted into a cell, or %run: not a terminal,
+    if not sys.stderr.isatty() and not in_a_notebook:  # but a cell draws the bar as one does
         interval = 30
     return tqdm(
         iterable, desc, leave=False, mininterval=interval, maxinterval=interval, delay=interval

@@ -430,6 +430,15 @@ def test_progress_is_a_live_bar_on_a_terminal_and_a_line_every_30_s_elsewhere(mo
     assert not live.disable and live.mininterval == 0.1
 
 
+def test_progress_in_a_notebooks_cell_is_a_live_bar(monkeypatch):
+    # The script pasted into a cell, or %run: stderr is the kernel's stream, which is no terminal
+    # (ipykernel's OutStream: isatty() is False) but draws tqdm's carriage returns as one
+    monkeypatch.setattr(ft.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setitem(ft.sys.modules, "ipykernel", SimpleNamespace())
+    live = ft.progress_bar(range(3), "train")
+    assert not live.disable and live.mininterval == 0.1 and live.delay == 0.1
+
+
 def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     with_matplotlib, real_files, tmp_path, capsys
 ):
