@@ -568,6 +568,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota u
 PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
 MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
 IMAGE_FILES = (*datasets.folder.IMG_EXTENSIONS, ".jfif")  # .jfif: a JPEG as Windows saves one
+if ".avif" in Image.registered_extensions():  # where this Pillow reads AVIF, as browsers save
+    IMAGE_FILES += (".avif",)
 UPRIGHT = {  # EXIF's Orientation -> the turn that shows the photo upright
     2: Image.FLIP_LEFT_RIGHT,
     3: Image.ROTATE_180,

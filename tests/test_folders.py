@@ -253,6 +253,20 @@ def test_jpegs_saved_as_jfif_are_read_as_images(tmp_path, capsys):
     assert "not images by their extension: 2 .txt\n" in out  # the .JFIF files are not left out
 
 
+def test_avif_images_saved_from_the_web_are_read_where_pillow_reads_them(tmp_path, capsys):
+    # Browsers save many a web image as .avif; Pillow reads it where built with libavif (its
+    # wheels are), and ImageFolder's extensions leave it out
+    if ".avif" not in Image.registered_extensions():
+        pytest.skip("this Pillow has no AVIF")
+    root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
+    for i in range(4):
+        Image.new("RGB", (120, 90), (30 * i, 90, 200)).save(root / "dogs" / f"web{i}.avif")
+    code, out, err = run(capsys, *folder_run(root, tmp_path / "runs", "--dry-run"))
+    assert code == 0, err
+    assert "data: 16 train / 2 validation / 2 test (held out) images, 2 classes" in out  # 8 + 12
+    assert "not images by their extension: 2 .txt\n" in out  # the .avif files are not left out
+
+
 def test_a_class_of_iphone_photos_alone_is_refused_with_the_note_naming_them(tmp_path, capsys):
     # ImageFolder's error names the extensions it reads, not the files the class folder holds.
     root = write_image_folder(tmp_path / "photos", ["cats", "dogs"])
