@@ -565,6 +565,7 @@ HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of his
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
+COLAB_DRIVE = Path("/content/drive")  # where Colab mounts Google Drive: drive.mount()
 PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
 MAC_CERTIFICATES = Path(PYTHON_ORG, "Install Certificates.command")  # python.org's Python only
 IMAGE_FILES = (*datasets.folder.IMG_EXTENSIONS, ".jfif")  # .jfif: a JPEG as Windows saves one
@@ -661,7 +662,15 @@ def one_of(*choices):
 
 
 def folder(text):
-    return Path(text).expanduser()
+    """A path as given (~ expanded); on Colab, one on Google Drive only once Drive is mounted."""
+    path = Path(text).expanduser()
+    if path.absolute().is_relative_to(COLAB_DRIVE) and not os.path.ismount(COLAB_DRIVE):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not allowed: Google Drive is not mounted at {COLAB_DRIVE} (what is"
+            " written there now stays on this runtime, and goes with it). Mount it first, in a"
+            " cell: from google.colab import drive; drive.mount('/content/drive')"
+        )
+    return path
 
 
 def dataset_setting(text):
@@ -800,7 +809,7 @@ def parse_settings(argv=()):
         known = [flag(name) for name in SETTINGS] + ["--dry-run", "--run-name", "--resume"]
         nearest = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
         hint = f": did you mean {nearest[0]}?" if nearest else ""
-        if folder(unknown[0]).is_dir():  # python fine_tuning.py my_photos
+        if Path(unknown[0]).expanduser().is_dir():  # python fine_tuning.py my_photos
             hint = f": a folder is given with --dataset: {command('--dataset', unknown[0])}"
         raise SettingError(f"unrecognized argument {unknown[0]}{hint} (--help lists them all)")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}

@@ -287,6 +287,24 @@ def test_a_data_dir_that_names_the_cifar10_folder_itself_is_refused(tmp_path, ca
     assert code == 2 and "not that folder itself" in err
 
 
+@pytest.mark.parametrize("flag", ["--output-dir", "--data-dir"])
+def test_a_folder_on_colabs_drive_not_mounted_is_refused_with_the_mount(
+    flag, tmp_path, capsys, monkeypatch
+):
+    # Colab before drive.mount(): /content/drive is no mount point, and a run or CIFAR-10 written
+    # there would stay on the runtime's disk, and go with it (and the mount then fails on them)
+    drive = tmp_path / "content" / "drive"
+    monkeypatch.setattr(ft, "COLAB_DRIVE", drive)
+    given = ["--dry-run", "--output-dir", tmp_path / "runs", flag, drive / "MyDrive" / "runs"]
+    code, _, err = run(capsys, *given)
+    assert code == 2 and len(err.splitlines()) == 1 and f"({flag}): '{drive}" in err
+    assert "Google Drive is not mounted" in err and "drive.mount('/content/drive')" in err
+    assert not drive.exists()  # nothing written where the mount will go
+    monkeypatch.setattr(ft.os.path, "ismount", lambda path: Path(path) == drive)  # mounted
+    code, _, err = run(capsys, *given)
+    assert code == 0, err
+
+
 class Payload:
     def __reduce__(self):  # what a malicious file would do when unpickled
         return (print, ("THE CODE RAN",))
