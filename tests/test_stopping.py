@@ -443,7 +443,7 @@ def test_a_run_resumed_on_another_device_says_what_carries_over(tmp_path, capsys
 
 
 def test_a_cpu_run_resumes_where_float16_needs_the_gradient_scaler(tmp_path, capsys, monkeypatch):
-    run_dir = stopped_run(tmp_path, capsys, monkeypatch)
+    run_dir = stopped_run(tmp_path, capsys, monkeypatch, "--batch-size", "2")  # float16 is slow
     assert load_state(run_dir / "last.pt")["scaler"] == {}  # float32: the scaler saved nothing
     monkeypatch.setattr(ft, "choose_device", lambda: (torch.device("cpu"), torch.float16))  # a T4
     code, out, err = run(capsys, "--resume", run_dir)
