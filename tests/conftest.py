@@ -90,8 +90,8 @@ def the_projects_runs_folder_is_left_alone():
 @pytest.fixture(autouse=True, scope="session")
 def synthetic_images_once():
     """Dry runs make CIFAR-10's synthetic twin (60,000 images) once per seed for the whole suite:
-    it depends on the seed alone. So do its splits (a copy of 45,000 images, 0.2 s a run), which
-    depend on the set and the split's settings alone."""
+    it depends on the seed alone. split_off() too, whose splits depend on its arguments alone: a
+    dry run's copy of 45,000 images (0.2 s) is made once per split setting."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ft, "synthetic_cifar10", functools.cache(ft.synthetic_cifar10))
         patch.setattr(ft, "split_off", functools.cache(ft.split_off))
