@@ -1916,4 +1916,8 @@ if __name__ == "__main__":
             # To a log or `| tee`: each line as it is printed, and what the log's encoding lacks
             # (a class name's ł in Windows' cp1252) escaped, \u0142, as Python's stderr does
             sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+        if "ipykernel" not in sys.modules:  # a process of its own, not the kernel under %run
+            # `!python` in a notebook inherits the kernel's matplotlib backend, inline, which this
+            # Python may lack (then `import matplotlib` fails); pictures to files need agg alone
+            os.environ["MPLBACKEND"] = "agg"
         sys.exit(cli(sys.argv[1:]))

@@ -5,7 +5,9 @@ pictures, and the README's code for a fine-tuned model, on a machine without the
 import csv
 import errno
 import json
+import importlib.util
 import re
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ from torch.utils.data import TensorDataset
 from torchvision.models import ResNet
 
 import fine_tuning as ft
-from conftest import ROOT, load_state, run, save_as_on_a_gpu, tiny
+from conftest import LAUNCHER, ROOT, load_state, run, save_as_on_a_gpu, script_env, tiny
 
 
 def rows(path):
@@ -446,6 +448,22 @@ def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     assert code == 0, err
     for name in ["inputs.png", "curves.png", "mistakes.png"]:
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pictures_are_drawn_under_a_notebooks_matplotlib_backend(
+    with_matplotlib, torch_home, tmp_path
+):
+    # `!python fine_tuning.py` in a notebook inherits the kernel's MPLBACKEND (ipykernel sets
+    # inline), which the `python` on PATH may lack: its `import matplotlib` raised ValueError
+    if importlib.util.find_spec("ipympl") is not None:
+        pytest.skip("ipympl is installed: its backend is valid here")
+    env = {**script_env(torch_home), "MPLBACKEND": "module://ipympl.backend_nbagg"}
+    del env["FT_TEST_NO_MATPLOTLIB"]
+    args = [*LAUNCHER, "--dry-run", "--output-dir", tmp_path, "--run-name", "notebook"]
+    done = subprocess.run([str(arg) for arg in args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for name in ["inputs.png", "curves.png", "mistakes.png"]:
+        assert (tmp_path / "notebook" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_mistakes_png_shows_the_16_test_images_most_confidently_wrong(
