@@ -564,6 +564,9 @@ HISTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 HISTORY += [f"lr_{name}" for name in BLOCKS] + ["seconds"]  # the columns of history.csv
 active = SimpleNamespace(run=None)  # the run this process works on, for cli()'s last word
 PASTED = "__file__" not in globals()  # pasted into a notebook's cell: no file, no command line
+IN_A_KERNEL = "ipykernel" in sys.modules  # pasted, %run in a notebook, or Spyder's console
+NOTEBOOK_BACKEND = os.environ.get("MPLBACKEND") == "module://matplotlib_inline.backend_inline"
+NOTEBOOK_SHELL = NOTEBOOK_BACKEND and not IN_A_KERNEL  # a cell's `!python`: ipykernel's setting
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota used up
 COLAB_DRIVE = Path("/content/drive")  # where Colab mounts Google Drive: drive.mount()
 PYTHON_ORG = f"/Applications/Python {sys.version_info[0]}.{sys.version_info[1]}"  # on a Mac
@@ -593,8 +596,8 @@ class RunError(Exception):
 def command(*args):
     """A command to paste: python fine_tuning.py ARGS, each quoted for the shell, named by the
     interpreter that runs it (python3, say), or by its path where that name runs another (a venv
-    not activated, Windows' py launcher); or, for the script pasted into a notebook, the call for
-    a new cell: cli([ARGS])."""
+    not activated, Windows' py launcher). In a notebook's cell, as the script ran there: with
+    `!` before it, as %run fine_tuning.py ARGS, or, pasted into a cell, as cli([ARGS])."""
     words = [str(arg) for arg in args]
     if PASTED:
         return f"cli({words!r})"
@@ -605,10 +608,15 @@ def command(*args):
     runs = shutil.which(python) or ""  # the Python that name runs here: this one, or another
     if sys.executable and os.path.normcase(runs) != os.path.normcase(sys.executable):
         python = sys.executable
+    if IN_A_KERNEL:
+        python = "%run"
     words = [python, script, *words]
+    line = shlex.join(words)
     if os.name == "nt":
-        return subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
-    return shlex.join(words)
+        line = subprocess.list2cmdline(words)  # double quotes: Windows' cmd knows no others
+    if NOTEBOOK_SHELL:
+        line = "!" + line
+    return line
 
 
 def works_offline():
@@ -1745,8 +1753,7 @@ def progress_bar(iterable, desc):
     notebook's cell; in a log (`> log`, `| tee`), drawn every 30 seconds, and only for a pass that
     takes longer."""
     interval = 0.1
-    in_a_notebook = "ipykernel" in sys.modules  # pasted into a cell, or %run: not a terminal,
-    if not sys.stderr.isatty() and not in_a_notebook:  # but a cell draws the bar as one does
+    if not sys.stderr.isatty() and not IN_A_KERNEL:  # a kernel's cell draws the bar as a terminal
         interval = 30
     return tqdm(
         iterable, desc, leave=False, mininterval=interval, maxinterval=interval, delay=interval
@@ -1916,7 +1923,7 @@ if __name__ == "__main__":
             # To a log or `| tee`: each line as it is printed, and what the log's encoding lacks
             # (a class name's ł in Windows' cp1252) escaped, \u0142, as Python's stderr does
             sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
-        if "ipykernel" not in sys.modules:  # a process of its own, not the kernel under %run
+        if not IN_A_KERNEL:  # a process of its own, not the kernel under %run
             # `!python` in a notebook inherits the kernel's matplotlib backend, inline, which this
             # Python may lack (then `import matplotlib` fails); pictures to files need agg alone
             os.environ["MPLBACKEND"] = "agg"

@@ -15,7 +15,7 @@ import threading
 import pytest
 
 import fine_tuning as ft
-from conftest import PYTHON, ROOT, load_state, run, tiny
+from conftest import LAUNCHER, PYTHON, ROOT, load_state, run, script_env, tiny
 
 
 def dry(out, *extra):
@@ -379,6 +379,28 @@ def test_a_printed_command_of_a_script_run_as_dot_slash_names_it_plainly(monkeyp
     assert shlex.split(ft.command("--dry-run")) == [PYTHON, "fine_tuning.py", "--dry-run"]
     monkeypatch.chdir(os.path.join(here, "tests"))  # from elsewhere: its path, normalised
     assert shlex.split(ft.command("--dry-run"))[1] == os.path.join(here, "fine_tuning.py")
+
+
+def test_a_printed_command_under_run_in_a_notebook_is_a_run_line(monkeypatch):
+    # `%run fine_tuning.py` in Jupyter or Spyder's console: the script starts in the kernel, whose
+    # environment holds the matplotlib backend that ipykernel set (a cell's `!python` inherits it)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    kernel = {"__name__": "fine_tuning_in_a_kernel", "__file__": ft.__file__}
+    exec(compile((ROOT / "fine_tuning.py").read_text(), ft.__file__, "exec"), kernel)
+    assert kernel["command"]("--resume", "runs/x") == "%run fine_tuning.py --resume runs/x"
+
+
+def test_a_cells_shell_command_is_told_by_the_backend_its_kernel_passes_on(torch_home, tmp_path):
+    # Colab's and Jupyter's `!` start a shell in the kernel's environment, where ipykernel set
+    # MPLBACKEND; a terminal (Jupyter's too) has none of it
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    env = {**script_env(torch_home), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    args = [*LAUNCHER, photos, "--output-dir", tmp_path]
+    done = subprocess.run([str(arg) for arg in args], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert f"a folder is given with --dataset: !{PYTHON} " in done.stderr
 
 
 def test_a_summary_csv_emptied_to_its_header_gets_no_second_header(tmp_path):
