@@ -1918,13 +1918,14 @@ if __name__ == "__main__":
         sys.exit(f"error: this script needs torch 2.5 or newer, not {torch.__version__}")
     if PASTED:  # sys.argv is the notebook kernel's, and sys.exit() would show an exception
         cli()
+    elif IN_A_KERNEL:  # %run fine_tuning.py ARGS: the kernel's stdout; no sys.exit(), as above
+        cli(sys.argv[1:])
     else:
-        if isinstance(sys.stdout, io.TextIOWrapper):  # not IPython's stream, under %run
+        if isinstance(sys.stdout, io.TextIOWrapper):  # not IDLE's shell, nor pythonw's None
             # To a log or `| tee`: each line as it is printed, and what the log's encoding lacks
             # (a class name's ł in Windows' cp1252) escaped, \u0142, as Python's stderr does
             sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
-        if not IN_A_KERNEL:  # a process of its own, not the kernel under %run
-            # `!python` in a notebook inherits the kernel's matplotlib backend, inline, which this
-            # Python may lack (then `import matplotlib` fails); pictures to files need agg alone
-            os.environ["MPLBACKEND"] = "agg"
+        # `!python` in a notebook inherits the kernel's matplotlib backend, inline, which this
+        # Python may lack (then `import matplotlib` fails); pictures to files need agg alone
+        os.environ["MPLBACKEND"] = "agg"
         sys.exit(cli(sys.argv[1:]))

@@ -261,6 +261,20 @@ def test_the_script_pasted_into_a_notebook_cell_runs_on_its_edited_constants(
     )
 
 
+def test_the_script_run_by_percent_run_in_a_notebook_ends_without_an_exception(monkeypatch, capsys):
+    # `%run fine_tuning.py --epochs 0`: IPython shows a sys.exit() code other than 0 as an error,
+    # "SystemExit: 2", under the script's own line
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "fine_tuning.py"), "--epochs", "0"])
+    kernel = {"__name__": "__main__", "__file__": str(ROOT / "fine_tuning.py")}
+    exec(compile((ROOT / "fine_tuning.py").read_text(), kernel["__file__"], "exec"), kernel)
+    out, err = capsys.readouterr()
+    assert err == (
+        "fine_tuning.py: error: EPOCHS (--epochs): '0' is not allowed: expected a whole number"
+        " >= 1\n"
+    )
+
+
 def test_main_imported_into_a_notebook_takes_the_constants_not_the_kernels_command_line(
     monkeypatch,
 ):
