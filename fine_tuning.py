@@ -1925,7 +1925,6 @@ if __name__ == "__main__":
             # To a log or `| tee`: each line as it is printed, and what the log's encoding lacks
             # (a class name's ł in Windows' cp1252) escaped, \u0142, as Python's stderr does
             sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
-        # `!python` in a notebook inherits the kernel's matplotlib backend, inline, which this
-        # Python may lack (then `import matplotlib` fails); pictures to files need agg alone
-        os.environ["MPLBACKEND"] = "agg"
+        if NOTEBOOK_SHELL:  # the kernel's matplotlib backend, inline, which this Python may lack
+            os.environ["MPLBACKEND"] = "agg"  # (`import matplotlib` fails): files need agg alone
         sys.exit(cli(sys.argv[1:]))

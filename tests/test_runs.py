@@ -455,9 +455,9 @@ def test_pictures_are_drawn_under_a_notebooks_matplotlib_backend(
 ):
     # `!python fine_tuning.py` in a notebook inherits the kernel's MPLBACKEND (ipykernel sets
     # inline), which the `python` on PATH may lack: its `import matplotlib` raised ValueError
-    if importlib.util.find_spec("ipympl") is not None:
-        pytest.skip("ipympl is installed: its backend is valid here")
-    env = {**script_env(torch_home), "MPLBACKEND": "module://ipympl.backend_nbagg"}
+    if importlib.util.find_spec("matplotlib_inline") is not None:
+        pytest.skip("matplotlib-inline is installed: its backend is valid here")
+    env = {**script_env(torch_home), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     del env["FT_TEST_NO_MATPLOTLIB"]
     args = [*LAUNCHER, "--dry-run", "--output-dir", tmp_path, "--run-name", "notebook"]
     done = subprocess.run([str(arg) for arg in args], capture_output=True, text=True, env=env)
