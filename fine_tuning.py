@@ -763,7 +763,7 @@ class SettingsParser(argparse.ArgumentParser):
 def settings_parser():
     parser = SettingsParser(
         allow_abbrev=False,
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],  # None: python -OO, or IDLE's `idle -r`
         epilog="Each flag sets the constant of its name at the top of fine_tuning.py, whose comment"
         " says what it does (and README.md, Settings).",
     )

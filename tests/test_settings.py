@@ -284,6 +284,14 @@ def test_main_imported_into_a_notebook_takes_the_constants_not_the_kernels_comma
     assert ft.parse_settings().epochs == 4
 
 
+def test_the_settings_are_checked_without_the_modules_docstring(monkeypatch, tmp_path, capsys):
+    # `python -OO` strips docstrings, and IDLE's `idle -r fine_tuning.py` runs the file behind a
+    # line of its own: __doc__ is None, which --help's description split
+    monkeypatch.setattr(ft, "__doc__", None)
+    code, _, err = run(capsys, "--epochs", "0", "--output-dir", tmp_path)
+    assert code == 2 and "EPOCHS (--epochs): '0' is not allowed" in err
+
+
 def test_a_deleted_constant_is_named(monkeypatch, tmp_path, capsys):
     monkeypatch.delattr(ft, "PATIENCE")
     code, _, err = run(capsys, "--dry-run", "--output-dir", tmp_path)
