@@ -1750,10 +1750,11 @@ def save_pictures(run, test_set, predictions):
 # --- Progress, signals, and the command line's entry point ----------------------------------------
 def progress_bar(iterable, desc):
     """tqdm's bar: live on a terminal (Colab's `!python` runs in one, a pseudo-terminal) and in a
-    notebook's cell; in a log (`> log`, `| tee`), drawn every 30 seconds, and only for a pass that
-    takes longer."""
+    notebook's cell; in a log (`> log`, `| tee`) and IDLE's shell, drawn every 30 seconds, and only
+    for a pass that takes longer."""
     interval = 0.1
-    if not sys.stderr.isatty() and not IN_A_KERNEL:  # a kernel's cell draws the bar as a terminal
+    live = sys.stderr.isatty() or IN_A_KERNEL  # a kernel's cell draws the bar as a terminal does
+    if not live or "idlelib" in sys.modules:  # IDLE's shell says it is one, but piles bars up
         interval = 30
     return tqdm(
         iterable, desc, leave=False, mininterval=interval, maxinterval=interval, delay=interval

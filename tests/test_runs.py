@@ -441,6 +441,16 @@ def test_progress_in_a_notebooks_cell_is_a_live_bar(monkeypatch):
     assert not live.disable and live.mininterval == 0.1 and live.delay == 0.1
 
 
+def test_progress_in_idles_shell_is_drawn_as_in_a_log(monkeypatch):
+    # IDLE's shell says it is a terminal but draws no carriage return: each redraw of a live bar
+    # lengthened one line, and the shell slowed with it (measured: reading 50,000 images fell to 3
+    # a second within 20 seconds)
+    monkeypatch.setattr(ft.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setitem(ft.sys.modules, "idlelib", SimpleNamespace())
+    bar = ft.progress_bar(range(3), "train")
+    assert not bar.disable and bar.mininterval == 30 and bar.delay == 30
+
+
 def test_pictures_show_the_inputs_the_curves_and_the_mistakes(
     with_matplotlib, real_files, tmp_path, capsys
 ):
