@@ -604,10 +604,11 @@ def command(*args):
     script = os.path.abspath(__file__)  # normalised: `python ./fine_tuning.py` gives /x/./
     if os.path.dirname(script) == os.getcwd():  # else run by its path from elsewhere: that path
         script = "fine_tuning.py"
-    python = os.path.basename(sys.executable).removesuffix(".exe") or "python"  # python3, say
+    executable = re.sub(r"pythonw(\.exe)?$", r"python\1", sys.executable)  # IDLE's: no console
+    python = os.path.basename(executable).removesuffix(".exe") or "python"  # python3, say
     runs = shutil.which(python) or ""  # the Python that name runs here: this one, or another
-    if sys.executable and os.path.normcase(runs) != os.path.normcase(sys.executable):
-        python = sys.executable
+    if executable and os.path.normcase(runs) != os.path.normcase(executable):
+        python = executable
     if IN_A_KERNEL:
         python = "%run"
     words = [python, script, *words]

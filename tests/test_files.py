@@ -347,6 +347,23 @@ def test_a_printed_command_pastes_into_windows_cmd_too(monkeypatch):
     assert by_path == '"C:\\Program Files\\Python312\\python.exe" fine_tuning.py --dry-run'
 
 
+def test_a_printed_command_from_idle_on_windows_names_the_console_python(monkeypatch):
+    # IDLE's Start-menu shortcut runs pythonw.exe, which has no console: pasted into cmd, a
+    # command naming it would run the script unseen
+    with monkeypatch.context() as windows:
+        windows.setattr(ft.os, "name", "nt")
+        windows.setattr(ft.os, "path", ntpath)
+        windows.setattr(ft, "__file__", "C:\\proj\\fine_tuning.py")
+        windows.setattr(ft.os, "getcwd", lambda: "C:\\proj")
+        windows.setattr(ft.sys, "executable", "C:\\Python312\\pythonw.exe")
+        windows.setattr(ft.shutil, "which", lambda name: f"C:\\Python312\\{name}.EXE")
+        on_path = ft.command("--dry-run")
+        windows.setattr(ft.shutil, "which", lambda name: None)  # not on PATH: named by its path
+        by_path = ft.command("--dry-run")
+    assert on_path == "python fine_tuning.py --dry-run"
+    assert by_path == "C:\\Python312\\python.exe fine_tuning.py --dry-run"
+
+
 def test_a_printed_command_names_the_interpreter_that_runs_the_script(monkeypatch):
     monkeypatch.setattr(ft.sys, "executable", "/usr/bin/python3")  # a Mac or Ubuntu: no `python`
     monkeypatch.setattr(ft.shutil, "which", lambda name: f"/usr/bin/{name}")
