@@ -4,8 +4,8 @@ pictures, and the README's code for a fine-tuned model, on a machine without the
 
 import csv
 import errno
-import json
 import importlib.util
+import json
 import re
 import subprocess
 from pathlib import Path
